@@ -1,0 +1,1 @@
+"""Export of FB-Net checkpoints to ONNX graphs and TensorRT engines."""

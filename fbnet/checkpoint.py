@@ -1,0 +1,63 @@
+"""One-file checkpoints: weights, full config, vocabulary, fusion weights, metrics, versions.
+
+Written atomically (temporary file + fsync + rename), so an interrupted run never leaves a
+half-written checkpoint; a file from another format version or a truncated file gives one
+:class:`CheckpointError` that names it.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import FORMAT_VERSION, __version__
+from .atomic import atomic_write
+
+KIND = "fbnet-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, or from an incompatible version."""
+
+
+def library_versions() -> dict[str, str]:
+    import torchvision
+
+    return {"fbnet": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> Path:
+    """Write ``payload`` (plus format and version fields) to ``path`` atomically."""
+    data = {"kind": KIND, "format_version": FORMAT_VERSION, "versions": library_versions(), **payload}
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    return atomic_write(path, lambda fh: fh.write(buf.getbuffer()))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, pickle errors, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {exc}") from None
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        raise CheckpointError(f"{path}: not an fbnet checkpoint")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {data.get('format_version')} was written by fbnet "
+            f"{data.get('versions', {}).get('fbnet', '?')}; this fbnet ({__version__}) reads format "
+            f"{FORMAT_VERSION}. Re-train, or use the fbnet version that wrote it."
+        )
+    return data
+
+
+def python_info() -> str:
+    return f"Python {sys.version.split()[0]} on {platform.machine()}"

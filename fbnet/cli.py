@@ -1,0 +1,154 @@
+"""The ``fbnet`` command: data, train, evaluate, export, parity."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, FBNetConfig
+
+DEFAULT_SYNTH_SIZES = (800, 200, 200)
+
+
+def _known_errors():
+    from .checkpoint import CheckpointError
+    from .data.embeddings import WordVectorError
+    from .data.manifest import DatasetError
+    from .models.backbone import WeightsError
+    from .preprocess import ImageError
+
+    return (ConfigError, CheckpointError, DatasetError, ImageError, WeightsError, WordVectorError,
+            FileExistsError, FileNotFoundError)
+
+
+class _Group(click.Group):
+    """Turns the toolkit's own errors into one clear line and exit code 1 (no traceback)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _known_errors() as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def fbnet_home() -> Path:
+    return Path(os.environ.get("FBNET_HOME", Path.home() / ".cache" / "fbnet"))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.secho(f"warning: {message}", fg="yellow", err=True)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="fbnet")
+def main():
+    """FB-Net image-text retrieval: train, evaluate, export, check parity."""
+    warnings.showwarning = _show_warning
+
+
+@main.group()
+def data():
+    """Make or convert datasets into the fbnet layout (docs/data.md)."""
+
+
+@data.command("synth")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--sizes", default=",".join(map(str, DEFAULT_SYNTH_SIZES)), show_default=True,
+              help="train,val,test image counts")
+@click.option("--image-size", default=128, show_default=True)
+def data_synth(out, seed, sizes, image_size):
+    """Generate the embedded synthetic dataset (deterministic from --seed)."""
+    from .data.synth import generate
+
+    counts = tuple(int(s) for s in sizes.split(","))
+    if len(counts) != 3:
+        raise click.BadParameter("give three counts: train,val,test", param_hint="--sizes")
+    generate(out, seed=seed, sizes=counts, image_size=image_size)
+    click.echo(f"wrote {sum(counts)} images to {out}")
+
+
+@data.command("convert")
+@click.argument("kind", type=click.Choice(["pascal-sentence", "wikipedia", "nus-wide", "flickr",
+                                           "karpathy", "coco"]))
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="image directory, where the format keeps images apart from its annotations")
+@click.option("--seed", default=0, show_default=True, help="for formats without official splits")
+def data_convert(kind, source, out, images, seed):
+    """Convert a public dataset's files (SOURCE) into the fbnet layout."""
+    from .data import convert
+
+    ds = convert.CONVERTERS[kind](source, out, images=images, seed=seed)
+    counts = {s: sum(1 for i in ds.items if i.split == s) for s in ("train", "val", "test")}
+    click.echo(f"wrote {out}: {counts} (labels: {'yes' if ds.has_labels else 'no'})")
+
+
+def default_dataset(seed: int = 0) -> Path:
+    """The synthetic default, generated on first use under $FBNET_HOME (~/.cache/fbnet)."""
+    from .data.synth import SYNTH_VERSION, generate
+
+    root = fbnet_home() / "data" / f"synth-v{SYNTH_VERSION}-seed{seed}"
+    if not (root / "manifest.jsonl").is_file():
+        click.echo(f"generating the embedded synthetic dataset in {root}")
+        generate(root, seed=seed, sizes=DEFAULT_SYNTH_SIZES)
+    return root
+
+
+@main.command()
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="dataset in the fbnet layout (default: the embedded synthetic set)")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML/JSON config (default: the embedded preset for the synthetic set)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="run directory [default: runs/<dataset name>]")
+@click.option("--resume", is_flag=True, help="continue the interrupted run in --out")
+@click.option("--epochs", type=int, help="override train.epochs")
+@click.option("--word-vectors", type=click.Path(dir_okay=False), help="word2vec binary or GloVe text")
+def train(data_dir, config, out, resume, epochs, word_vectors):
+    """Train FB-Net; prints validation MAP per epoch and the test metrics at the end."""
+    from .data.manifest import load_dataset
+    from .evaluate import evaluate, format_report
+    from .train import train as run_train
+
+    if config is None and data_dir is None:
+        cfg = FBNetConfig.load(resources.files("fbnet") / "configs" / "synth.yaml")
+    else:
+        cfg = FBNetConfig.load(config) if config else FBNetConfig()
+    if epochs is not None:
+        cfg.train.epochs = epochs
+    if word_vectors:
+        cfg.data.word_vectors = word_vectors
+    root = data_dir or (Path(cfg.data.root) if cfg.data.root else default_dataset(cfg.train.seed))
+    dataset = load_dataset(root)
+    out = out or Path("runs") / dataset.name
+    t0 = time.time()
+    best = run_train(cfg, dataset, out, resume=resume, echo=click.echo)
+    report = evaluate(best, "test", data=str(root))
+    click.echo(format_report(report))
+    click.echo(f"checkpoint: {best}\nmetrics: {out / 'metrics-test.json'}  PR curve: {out / 'pr-test.png'}"
+               f"\ntotal time {time.time() - t0:.0f}s")
+
+
+@main.command("evaluate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="dataset (default: the one trained on)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="where to write JSON + PNG")
+def evaluate_cmd(checkpoint, split, data_dir, out):
+    """MAP (eq. 22), Recall@1/5/10 and R@sum (eq. 23) both ways, and the PR curves."""
+    from .evaluate import evaluate, format_report
+
+    report = evaluate(checkpoint, split, data=data_dir, out=out)
+    click.echo(format_report(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

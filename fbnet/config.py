@@ -1,0 +1,182 @@
+"""Typed configuration for data, model and training (one YAML/JSON file, all sections optional).
+
+``FBNetConfig.load(path)`` reads a file; unknown keys are an error that names the file and key,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    #: Dataset directory in the fbnet layout (see docs/data.md); empty = embedded synthetic default.
+    root: str = ""
+    #: Captions longer than this many tokens are truncated.
+    max_words: int = 32
+    #: Words seen fewer times than this in the training captions map to <unk>.
+    min_word_count: int = 1
+    #: Optional word2vec binary or GloVe text file to initialise the 300-d word embeddings.
+    word_vectors: str = ""
+
+
+@dataclass
+class BackboneConfig:
+    #: ``alexnet`` (the paper: fc7, 4096-d), ``mobilenet_v2`` (1280-d) or ``resnet18`` (512-d).
+    name: str = "mobilenet_v2"
+    #: ``""`` random init (seeded), ``"imagenet"`` torchvision's weights API, or a state_dict path.
+    weights: str = ""
+    #: ``roi``: one backbone pass per image, blocks pooled from the feature map with RoIAlign.
+    #: ``crop``: the paper's mode, one backbone pass per cropped and resized block.
+    mode: str = "roi"
+    #: Side of the square canvas every image is resized to before windows are cut.
+    image_size: int = 224
+    #: Side each block is resized to in ``crop`` mode.
+    crop_size: int = 224
+
+
+@dataclass
+class DetectorConfig:
+    #: ``fasterrcnn`` (the paper's choice; torchvision), ``fasterrcnn_light`` (small backbone,
+    #: trained on the dataset's boxes in minutes on a CPU) or ``none`` (whole image as the box).
+    name: str = "fasterrcnn_light"
+    #: Optional detector state_dict path; when empty and the dataset has boxes, it is fine-tuned.
+    weights: str = ""
+    #: At most J boxes per image (paper: 9) with confidence at least this (paper: 0.1).
+    max_boxes: int = 9
+    score_threshold: float = 0.1
+    #: Fine-tuning budget on the dataset's boxes.
+    epochs: int = 12
+    batch_size: int = 8
+    lr: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    #: Joint embedding size d (paper: 1024).
+    embed_dim: int = 1024
+    #: Word embedding size (paper: 300).
+    word_dim: int = 300
+    #: Levels of the multi-scale scan (paper: 1-3, i.e. 1, 4 and 9 blocks / text windows).
+    levels: int = 3
+    #: Branches: ``background`` (B-Net) and/or ``foreground`` (F-Net).
+    branches: tuple[str, ...] = ("background", "foreground")
+    #: Inverse softmax temperatures of the stacked cross attention (eqs. 13-15).
+    delta1: float = 4.0
+    delta2: float = 9.0
+
+
+@dataclass
+class LossConfig:
+    #: ``dsaw`` (eqs. 16-21) or ``triplet`` (VSE++ hardest negative, the paper's ablation).
+    name: str = "dsaw"
+    sigma: float = 50.0
+    theta: float = 20.0
+    gamma: float = 0.2
+    #: Mining slack: a pair is kept when it is within this of the hardest opposite pair.
+    epsilon: float = 0.1
+    #: Margin of the triplet alternative.
+    margin: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    seed: int = 0
+    #: Pairs scored per chunk at evaluation (bounds memory).
+    eval_chunk: int = 256
+    #: Grid for the fusion weights alpha, beta, lambda (paper's sensitivity study).
+    fusion_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    num_threads: int = 0
+
+
+@dataclass
+class FBNetConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<config>") -> "FBNetConfig":
+        return _build(cls, data or {}, source, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FBNetConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # yaml and json both say where
+            raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'yaml'}: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        return cls.from_dict(data or {}, str(path))
+
+    def validate(self) -> None:
+        m = self.model
+        if m.backbone.name not in ("alexnet", "mobilenet_v2", "resnet18", "detector"):
+            raise ConfigError(f"model.backbone.name: unknown backbone {m.backbone.name!r}")
+        if m.backbone.mode not in ("roi", "crop"):
+            raise ConfigError(f"model.backbone.mode must be 'roi' or 'crop', not {m.backbone.mode!r}")
+        if not m.branches or any(b not in ("background", "foreground") for b in m.branches):
+            raise ConfigError(f"model.branches must name 'background' and/or 'foreground': {m.branches}")
+        if not 1 <= m.levels <= 3:
+            raise ConfigError(f"model.levels must be 1, 2 or 3, not {m.levels}")
+        if self.loss.name not in ("dsaw", "triplet"):
+            raise ConfigError(f"loss.name must be 'dsaw' or 'triplet', not {self.loss.name!r}")
+        if m.detector.name not in ("fasterrcnn", "fasterrcnn_light", "yolov3_tiny", "none"):
+            raise ConfigError(f"model.detector.name: unknown detector {m.detector.name!r}")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message names where."""
+
+
+def _build(cls, data: dict[str, Any], source: str, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.')}' must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {known})")
+        ftype = fields[key].type
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, source, f"{prefix}{key}.")
+        elif isinstance(default, tuple):
+            kwargs[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        elif isinstance(default, bool) or default is None:
+            kwargs[key] = value
+        elif isinstance(default, (int, float, str)):
+            try:
+                kwargs[key] = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{source}: '{prefix}{key}' must be {ftype}, not {value!r}") from None
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)

@@ -1,0 +1,86 @@
+"""`fbnet evaluate`: MAP, Recall@K and R@sum of a checkpoint on a split, with PR curves drawn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .atomic import atomic_write, atomic_write_text
+from .checkpoint import load_checkpoint
+from .config import FBNetConfig
+from .data.manifest import load_dataset
+from .metrics import PR_LEVELS, RECALL_KS, chance_map, retrieval_report
+from .models.fbnet import FBNet, Fusion, fuse
+from .pipeline import Captions, build_frozen, score_split, split_features
+from .vocab import Vocabulary
+
+
+def load_model(ckpt: dict) -> tuple[FBNetConfig, FBNet, Vocabulary, Fusion]:
+    cfg = FBNetConfig.from_dict(ckpt["config"], "checkpoint config")
+    vocab = Vocabulary.from_json(ckpt["vocab"])
+    model = FBNet(cfg.model, len(vocab), ckpt["feature_dim"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return cfg, model, vocab, Fusion(**ckpt["fusion"])
+
+
+def evaluate(ckpt_path: str | Path, split: str = "test", data: str | None = None,
+             out: str | Path | None = None) -> dict:
+    """Score ``split`` with the checkpoint and write ``metrics-<split>.json`` and a PR-curve PNG."""
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg, model, vocab, fusion = load_model(ckpt)
+    dataset = load_dataset(data or ckpt["data_root"])
+    items = dataset.split(split)
+    detector, encoder = build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
+    feats = split_features(cfg, items, detector, encoder, ckpt_path.parent / "features", split)
+    caps = Captions.from_items(items, vocab, cfg.data.max_words, dataset.has_labels)
+    sims = score_split(model, feats, caps, cfg.train.eval_chunk)
+    report = retrieval_report(fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
+    report["split"], report["checkpoint"] = split, str(ckpt_path)
+    report["chance_map"] = chance_map(caps.image, caps.image_labels, caps.labels)
+    report["fusion"] = vars(fusion)
+    out = Path(out) if out else ckpt_path.parent
+    atomic_write_text(out / f"metrics-{split}.json", json.dumps(report, indent=1))
+    plot_pr(report, out / f"pr-{split}.png")
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"split {report.get('split', '?')}: {report['images']} images, {report['captions']} captions"]
+    for kind in ("category", "instance"):
+        if kind not in report:
+            continue
+        r = report[kind]
+        lines.append(f"  {kind:9s} MAP  i2t {r['i2t']['map']:.4f}  t2i {r['t2i']['map']:.4f}  "
+                     f"mean {r['map']:.4f}")
+        for d in ("i2t", "t2i"):
+            lines.append(f"  {kind:9s} {d}  " + "  ".join(f"R@{k} {r[d][f'r@{k}']:5.1f}" for k in RECALL_KS))
+        lines.append(f"  {kind:9s} R@sum {r['rsum']:.1f}")
+    if "chance_map" in report:
+        lines.append(f"  chance MAP ({report['primary']}): {report['chance_map']:.4f}")
+    return "\n".join(lines)
+
+
+def plot_pr(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for kind in ("category", "instance"):
+        for d, style in (("i2t", "-"), ("t2i", "--")):
+            if kind in report:
+                ax.plot(PR_LEVELS, report[kind][d]["pr"], style, marker=".",
+                        label=f"{kind} {d} (MAP {report[kind][d]['map']:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("interpolated precision")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"FB-Net precision-recall ({report.get('split', '')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+    return path

@@ -1,0 +1,93 @@
+"""Block features, extracted once per split with the frozen encoder and cached on disk.
+
+For every image: detect boxes (F-Net), cut the window boxes of both branches
+(:func:`fbnet.windows.branch_blocks`), and encode every block. A split's cache is a directory of
+``.npy`` arrays (float16 features) written atomically, with a ``key`` file that records what made
+it; a cache whose key differs is rebuilt, so a changed backbone or detector is never mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import atomic_dir
+from .data.manifest import Item
+from .models.backbone import BlockEncoder
+from .models.detector import Detector, detect
+from .preprocess import load_image
+from .windows import blocks_upto, branch_blocks
+
+
+@dataclass
+class SplitFeatures:
+    background: np.ndarray  # (N, B, C) float16
+    foreground: np.ndarray  # (N, J, B, C) float16
+    fg_mask: np.ndarray  # (N, J) bool
+    boxes: np.ndarray  # (N, J, 4) detector boxes on the canvas (0 where none)
+
+    def tensors(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        take = lambda a: torch.from_numpy(np.array(a[index]))  # noqa: E731  (copies out of the memmap)
+        return take(self.background).float(), take(self.foreground).float(), take(self.fg_mask)
+
+
+@torch.no_grad()
+def encode_images(canvases: torch.Tensor, encoder: BlockEncoder, detector: Detector | None,
+                  levels: int, max_boxes: int):
+    """Block features of both branches for a batch of canvases ``(N, 3, S, S)``."""
+    size = canvases.shape[-1]
+    boxes, scores = detect(detector, canvases)
+    bg_boxes, fg_boxes, masks = [], [], []
+    for b, s in zip(boxes, scores):
+        bg, fg, m = branch_blocks(size, b[s > 0].numpy(), levels, max_boxes)
+        bg_boxes.append(bg)
+        fg_boxes.append(fg)
+        masks.append(m)
+    n, nb = len(canvases), blocks_upto(levels)
+    all_boxes = torch.from_numpy(np.concatenate(
+        [np.stack(bg_boxes)[:, None], np.stack(fg_boxes)], axis=1).reshape(n, -1, 4))
+    feats = encoder(canvases, all_boxes).reshape(n, 1 + max_boxes, nb, -1)
+    pad = torch.zeros(n, max_boxes, 4)
+    pad[:, : boxes.shape[1]] = boxes[:, :max_boxes] * (scores[:, :max_boxes, None] > 0)
+    return feats[:, 0], feats[:, 1:], torch.from_numpy(np.stack(masks)), pad
+
+
+def cache_key(items: list[Item], parts: dict) -> str:
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for it in items:
+        h.update(str(it.image).encode())
+    return h.hexdigest()[:16]
+
+
+def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
+                  image_size: int, levels: int, max_boxes: int, cache: Path, key: str,
+                  batch_size: int = 32, desc: str = "features") -> SplitFeatures:
+    """Features for ``items``, from ``cache`` when its key matches, else extracted and cached."""
+    cache = Path(cache)
+    if (cache / "key").is_file() and (cache / "key").read_text() == key:
+        return load_split(cache)
+    parts = {"bg": [], "fg": [], "mask": [], "boxes": []}
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
+        batch = items[start: start + batch_size]
+        canvases = torch.from_numpy(np.stack([load_image(it.image, image_size) for it in batch]))
+        bg, fg, mask, boxes = encode_images(canvases, encoder, detector, levels, max_boxes)
+        parts["bg"].append(bg.half().numpy())
+        parts["fg"].append(fg.half().numpy())
+        parts["mask"].append(mask.numpy())
+        parts["boxes"].append(boxes.numpy())
+    with atomic_dir(cache) as tmp:
+        for name, arrays in parts.items():
+            np.save(tmp / f"{name}.npy", np.concatenate(arrays))
+        (tmp / "key").write_text(key)
+    return load_split(cache)
+
+
+def load_split(cache: Path) -> SplitFeatures:
+    load = lambda name: np.load(cache / f"{name}.npy", mmap_mode="r")  # noqa: E731
+    return SplitFeatures(load("bg"), load("fg"), load("mask"), load("boxes"))

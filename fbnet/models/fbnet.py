@@ -1,0 +1,106 @@
+"""FB-Net: two branches (B-Net, F-Net) x three levels, fused by eq. (7).
+
+Inputs are cached block features from the frozen :class:`~fbnet.models.backbone.BlockEncoder`:
+``background (N, B, C)`` and ``foreground (N, J, B, C)`` with ``B = 1 + 4 + 9`` blocks of levels
+1-3 per region and ``fg_mask (N, J)`` marking real detector boxes. Each branch has its own
+projection ``C -> d`` and its own text encoder (eq. 10); at level ``u`` B-Net aligns the ``u**2``
+blocks of the whole image and F-Net the ``J u**2`` blocks of all boxes with the ``u**2`` text
+windows of eqs. (11)-(12), through stacked cross attention (eqs. 13-15).
+
+Eq. (7), as implemented (the paper weighs the foreground branch by alpha and levels 2 and 3 by
+beta and lambda)::
+
+    S = alpha * (S^F_1 + beta S^F_2 + lambda S^F_3) + (S^B_1 + beta S^B_2 + lambda S^B_3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..windows import blocks_per_level, level_slices
+from .attention import cross_attention
+from .text import TextEncoder, text_windows
+
+BRANCH_KEY = {"background": "B", "foreground": "F"}
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Weights of eq. (7)."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    lam: float = 1.0
+
+    def level_weight(self, level: int) -> float:
+        return (1.0, self.beta, self.lam)[level - 1]
+
+    def weight(self, branch: str, level: int) -> float:
+        return (self.alpha if branch == "foreground" else 1.0) * self.level_weight(level)
+
+
+def fuse(sims: dict[tuple[str, int], torch.Tensor], fusion: Fusion) -> torch.Tensor:
+    """Eq. (7): the weighted sum of the per-branch, per-level similarity matrices."""
+    return sum(fusion.weight(b, u) * s for (b, u), s in sims.items())
+
+
+class FBNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, feature_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.levels = cfg.levels
+        self.branches = tuple(cfg.branches)
+        self.proj = nn.ModuleDict({
+            BRANCH_KEY[b]: nn.Linear(feature_dim, cfg.embed_dim) for b in self.branches
+        })
+        self.text = nn.ModuleDict({
+            BRANCH_KEY[b]: TextEncoder(vocab_size, cfg.word_dim, cfg.embed_dim) for b in self.branches
+        })
+        for lin in self.proj.values():  # Xavier init as in SCAN's image encoder
+            r = (6.0 / (lin.in_features + lin.out_features)) ** 0.5
+            nn.init.uniform_(lin.weight, -r, r)
+            nn.init.zeros_(lin.bias)
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        return [(b, u) for b in self.branches for u in range(1, self.levels + 1)]
+
+    def encode_images(self, background: torch.Tensor, foreground: torch.Tensor, fg_mask: torch.Tensor):
+        """Unit-length block embeddings and masks per (branch, level): ``(N, K, d), (N, K)``."""
+        out = {}
+        slices = level_slices(self.levels)
+        for branch in self.branches:
+            proj = self.proj[BRANCH_KEY[branch]]
+            for u in range(1, self.levels + 1):
+                sl = slices[u - 1]
+                if branch == "background":
+                    feats = background[:, sl]
+                    mask = torch.ones(feats.shape[:2], dtype=feats.dtype, device=feats.device)
+                else:
+                    n, j = foreground.shape[:2]
+                    feats = foreground[:, :, sl].reshape(n, j * blocks_per_level(u), -1)
+                    mask = fg_mask.to(feats.dtype).repeat_interleave(blocks_per_level(u), dim=1)
+                emb = F.normalize(proj(F.normalize(feats.float(), dim=-1)), dim=-1)
+                out[(branch, u)] = (emb * mask.unsqueeze(-1), mask)
+        return out
+
+    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor):
+        """Unit-length text-window embeddings per (branch, level): ``(N, u**2, d)``."""
+        out = {}
+        for branch in self.branches:
+            words = self.text[BRANCH_KEY[branch]](ids, lengths)
+            for u in range(1, self.levels + 1):
+                out[(branch, u)] = F.normalize(text_windows(words, lengths, blocks_per_level(u)), dim=-1)
+        return out
+
+    def similarities(self, images: dict, texts: dict) -> dict[tuple[str, int], torch.Tensor]:
+        """The six (at most) similarity matrices ``(I, C)`` of eqs. (13)-(15)."""
+        return {
+            key: cross_attention(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2)
+            for key in self.keys
+        }

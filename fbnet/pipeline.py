@@ -1,0 +1,102 @@
+"""What training, evaluation and parity share: the frozen stages and split scoring.
+
+:func:`build_frozen` turns a config (and optionally a checkpoint's saved states) into the
+detector and block encoder; :func:`split_features` extracts or loads a split's cached block
+features; :class:`Captions` holds a split's encoded captions; :func:`score_split` computes the
+per-(branch, level) similarity matrices of a split in memory-bounded chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import FBNetConfig
+from .data.manifest import Item
+from .features import SplitFeatures, cache_key, extract_split
+from .models.backbone import BlockEncoder
+from .models.detector import build_detector
+from .models.fbnet import FBNet
+from .vocab import Vocabulary
+
+
+def build_frozen(cfg: FBNetConfig, num_box_classes: int, detector_state=None, encoder_state=None):
+    """Detector and block encoder for ``cfg``; saved states (from a checkpoint) override weights."""
+    m = cfg.model
+    detector = build_detector(m.detector, num_box_classes, m.backbone.image_size)
+    if detector is not None and detector_state is not None:
+        detector.load_state_dict(detector_state)
+    trunk = None
+    if m.backbone.name == "detector":
+        if detector is None or not hasattr(detector.trunk, "stride"):
+            raise ValueError("backbone 'detector' needs model.detector.name: fasterrcnn_light")
+        trunk = detector.trunk
+    encoder = BlockEncoder(m.backbone, seed=cfg.train.seed, trunk=trunk)
+    if encoder_state is not None:
+        encoder.load_state_dict(encoder_state)
+    if detector is not None:
+        detector.eval()
+    return detector, encoder
+
+
+def split_features(cfg: FBNetConfig, items: list[Item], detector, encoder, cache: Path,
+                   split: str) -> SplitFeatures:
+    m = cfg.model
+    state = {k: v.sum().item() for k, v in encoder.state_dict().items() if v.is_floating_point()}
+    if detector is not None:
+        state["detector"] = sum(float(v.float().sum()) for v in detector.state_dict().values())
+    key = cache_key(items, {"model": cfg.to_dict()["model"], "weights": state})
+    return extract_split(items, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
+                         max_boxes=m.detector.max_boxes, cache=cache / split, key=key,
+                         desc=f"features[{split}]")
+
+
+@dataclass
+class Captions:
+    """A split's captions: padded ids ``(C, L)``, lengths, owning image index and labels."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    image: np.ndarray
+    labels: np.ndarray | None
+    image_labels: np.ndarray | None
+
+    @classmethod
+    def from_items(cls, items: list[Item], vocab: Vocabulary, max_words: int, labelled: bool) -> "Captions":
+        texts = [c for it in items for c in it.captions]
+        owner = np.array([i for i, it in enumerate(items) for _ in it.captions])
+        ids, lengths = vocab.encode_batch(texts, max_words)
+        img_labels = np.array([it.label for it in items]) if labelled else None
+        return cls(ids, lengths, owner, img_labels[owner] if labelled else None, img_labels)
+
+    def tensors(self, index):
+        lengths = self.lengths[index]
+        width = int(lengths.max())
+        return torch.from_numpy(self.ids[index, :width]), torch.from_numpy(lengths)
+
+
+@torch.no_grad()
+def score_split(model: FBNet, feats: SplitFeatures, caps: Captions, chunk: int = 256):
+    """Per-(branch, level) similarity matrices ``(images, captions)`` as float32 numpy arrays."""
+    model.eval()
+    n_img, n_cap = feats.background.shape[0], len(caps.lengths)
+    texts = {}
+    for start in range(0, n_cap, chunk):
+        enc = model.encode_texts(*caps.tensors(slice(start, start + chunk)))
+        for key, v in enc.items():
+            texts.setdefault(key, []).append(v)
+    texts = {k: torch.cat(v) for k, v in texts.items()}
+    out = {key: np.zeros((n_img, n_cap), dtype=np.float32) for key in model.keys}
+    img_chunk = max(1, chunk // 4)
+    for start in range(0, n_img, img_chunk):
+        sl = slice(start, min(start + img_chunk, n_img))
+        images = model.encode_images(*feats.tensors(sl))
+        for cs in range(0, n_cap, chunk):
+            csl = slice(cs, min(cs + chunk, n_cap))
+            part = {k: texts[k][csl] for k in model.keys}
+            for key, s in model.similarities(images, part).items():
+                out[key][sl, csl] = s.numpy()
+    return out

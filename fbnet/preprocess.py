@@ -1,0 +1,46 @@
+"""Image decoding and resizing shared by training, export and the runtime (numpy + PIL, no torch).
+
+Every image is decoded to RGB and resized (bilinear) to a square ``size x size`` canvas; pixel
+values are float32 in [0, 1], channels first. Mean/std normalisation happens inside the models
+(and so inside the exported graphs), so this is all a serving host has to reproduce.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """An image is missing, unreadable or too small; the message names the file."""
+
+
+def load_image(path: str | Path, size: int, min_side: int = 8) -> np.ndarray:
+    """Decode ``path`` to a float32 ``(3, size, size)`` array in [0, 1]."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageError(f"{path}: cannot decode image ({exc})") from None
+    if min(rgb.size) < min_side:
+        raise ImageError(
+            f"{path}: image is {rgb.size[0]}x{rgb.size[1]}, smaller than the {min_side}px "
+            "the window grid needs"
+        )
+    return to_canvas(rgb, size)
+
+
+def to_canvas(image: Image.Image, size: int) -> np.ndarray:
+    """Resize an RGB PIL image to the ``size x size`` canvas as float32 CHW in [0, 1]."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0

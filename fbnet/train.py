@@ -1,0 +1,222 @@
+"""Training, after the paper's Algorithm 1.
+
+1. Fine-tune the detector on the dataset's boxes (when it has boxes and no weights were given).
+2. Extract and cache the frozen block features of every split.
+3. Epochs over random mini-batches of (image, caption) pairs: the loss (DSAW or triplet) of
+   every (branch, level) similarity matrix, summed; validation MAP after each epoch; the best
+   epoch kept (``best.pt``), the latest one too (``last.pt``, for ``--resume``).
+4. Choose the fusion weights of eq. (7) on the validation split from the grid, store them in
+   ``best.pt``, and evaluate the test split.
+
+Everything a run writes goes under ``out``: ``detector.pt``, ``features/``, ``last.pt``,
+``best.pt``, ``log.jsonl``, ``metrics.json``, ``pr_curve.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import FBNetConfig
+from .data.embeddings import load_word_vectors
+from .data.manifest import Dataset
+from .losses import pair_loss
+from .metrics import retrieval_report
+from .models.detector import finetune
+from .models.fbnet import FBNet, Fusion, fuse
+from .pipeline import Captions, build_frozen, score_split, split_features
+from .preprocess import load_image
+from .vocab import Vocabulary
+
+
+def log_event(out: Path, **event) -> None:
+    with (out / "log.jsonl").open("a") as fh:
+        fh.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = False,
+          echo=print) -> Path:
+    """Train on ``dataset`` into ``out``; return the path of ``best.pt``."""
+    cfg.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    last = out / "last.pt"
+    state = None
+    if resume:
+        if not last.is_file():
+            raise CheckpointError(f"{last}: nothing to resume (no last.pt in {out})")
+        state = load_checkpoint(last)
+        cfg = FBNetConfig.from_dict(state["config"], f"{last} (config)")
+        echo(f"resuming {out} after epoch {state['epoch']}")
+    elif last.exists():
+        raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume or another --out")
+    log_event(out, event="start", config=cfg.to_dict(), dataset=str(dataset.root))
+
+    # 1-2. frozen stages and cached features
+    n_box_classes = len(dataset.box_classes or [])
+    detector, encoder = _frozen_stages(cfg, dataset, out, n_box_classes, echo)
+    feats = {s: split_features(cfg, dataset.split(s), detector, encoder, out / "features", s)
+             for s in ("train", "val", "test")}
+
+    labelled = dataset.has_labels
+    if not labelled:
+        warnings.warn(f"{dataset.root}: no category labels; positives are an image's own captions "
+                      "and only instance metrics are reported", stacklevel=2)
+    vocab = (Vocabulary.from_json(state["vocab"]) if state else
+             Vocabulary.build([c for it in dataset.split("train") for c in it.captions], cfg.data.min_word_count))
+    caps = {s: Captions.from_items(dataset.split(s), vocab, cfg.data.max_words, labelled) for s in feats}
+
+    model = FBNet(cfg.model, len(vocab), encoder.out_dim)
+    if state is None and cfg.data.word_vectors:
+        _init_word_vectors(model, vocab, cfg.data.word_vectors, echo)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    history, best, start_epoch = [], -1.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+        torch.set_rng_state(state["torch_rng"])
+
+    loss_fn = pair_loss(cfg.loss)
+    common = {"config": cfg.to_dict(), "vocab": vocab.to_json(), "encoder": encoder.state_dict(),
+              "detector": detector.state_dict() if detector is not None else None,
+              "feature_dim": encoder.out_dim, "classes": dataset.classes,
+              "box_classes": dataset.box_classes, "data_root": str(dataset.root)}
+    train_caps, train_feats = caps["train"], feats["train"]
+    n_pairs = len(train_caps.lengths)
+    steps = math.ceil(n_pairs / tc.batch_size)
+    for epoch in range(start_epoch, tc.epochs):
+        model.train()
+        order = np.random.default_rng([tc.seed, epoch]).permutation(n_pairs)
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
+        t0, total = time.time(), 0.0
+        for step in bar:
+            idx = np.sort(order[step * tc.batch_size: (step + 1) * tc.batch_size])
+            img_idx = train_caps.image[idx]
+            images = model.encode_images(*train_feats.tensors(img_idx))
+            texts = model.encode_texts(*train_caps.tensors(idx))
+            positive = torch.from_numpy(
+                (train_caps.labels[idx][:, None] == train_caps.labels[idx][None, :]) if labelled
+                else (img_idx[:, None] == img_idx[None, :]))
+            sims = model.similarities(images, texts)
+            loss = sum(loss_fn(s, positive, cfg.loss) for s in sims.values())
+            opt.zero_grad()
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            total += float(loss.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
+                            pairs_s=f"{(step + 1) * tc.batch_size / (time.time() - t0):.0f}")
+        val = _val_report(model, feats["val"], caps["val"], Fusion(), tc.eval_chunk)
+        val_map = val[val["primary"]]["map"]
+        record = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map,
+                  "val_rsum": val["instance"]["rsum"], "seconds": time.time() - t0}
+        history.append(record)
+        log_event(out, event="epoch", **record)
+        improved = val_map > best
+        best = max(best, val_map)
+        echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}"
+             f"{'  (best)' if improved else ''}  [{record['seconds']:.0f}s]")
+        payload = {**common, "model": model.state_dict(), "epoch": epoch + 1, "history": history,
+                   "best": best, "fusion": vars(Fusion()), "val_metrics": _summary(val)}
+        if improved:
+            save_checkpoint(out / "best.pt", payload)
+        save_checkpoint(last, {**payload, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
+
+    # 4. fusion weights on validation, then the test split
+    best_ckpt = load_checkpoint(out / "best.pt")
+    model.load_state_dict(best_ckpt["model"])
+    val_sims = score_split(model, feats["val"], caps["val"], tc.eval_chunk)
+    fusion, val = choose_fusion(val_sims, caps["val"], tc.fusion_grid)
+    echo(f"fusion weights (val): alpha={fusion.alpha} beta={fusion.beta} lambda={fusion.lam}")
+    save_checkpoint(out / "best.pt", {**best_ckpt, "fusion": vars(fusion), "val_metrics": _summary(val)})
+    log_event(out, event="fusion", fusion=vars(fusion), val=_summary(val))
+    return out / "best.pt"
+
+
+def _frozen_stages(cfg, dataset, out, n_box_classes, echo):
+    det_path = out / "detector.pt"
+    dc = cfg.model.detector
+    saved = torch.load(det_path, map_location="cpu", weights_only=True) if det_path.is_file() else None
+    detector, encoder = build_frozen(cfg, n_box_classes, detector_state=saved)
+    needs_finetune = (detector is not None and saved is None and not dc.weights
+                      and dc.name == "fasterrcnn_light")
+    if needs_finetune:
+        if not dataset.has_boxes:
+            raise ValueError(f"{dataset.root}: detector 'fasterrcnn_light' needs boxes to fine-tune on; "
+                             "give model.detector.weights or use detector 'none'")
+        items = [it for it in dataset.split("train") if it.boxes]
+        size = cfg.model.backbone.image_size
+        echo(f"fine-tuning the detector on {len(items)} training images' boxes")
+        images = np.stack([load_image(it.image, size) for it in items])
+        boxes = [_scale_boxes(it, size) for it in items]
+        hist = finetune(detector, images, boxes, dc, seed=cfg.train.seed)
+        log_event(out, event="detector", history=hist)
+        torch.save(detector.state_dict(), det_path)
+        detector, encoder = build_frozen(cfg, n_box_classes, detector_state=detector.state_dict())
+    return detector, encoder
+
+
+def _scale_boxes(item, size):
+    from PIL import Image
+
+    with Image.open(item.image) as im:
+        w, h = im.size
+    return [[b[0] * size / w, b[1] * size / h, b[2] * size / w, b[3] * size / h, b[4]] for b in item.boxes]
+
+
+def _init_word_vectors(model: FBNet, vocab: Vocabulary, path: str, echo) -> None:
+    vectors, dim = load_word_vectors(path, set(vocab.words))
+    if dim != model.cfg.word_dim:
+        raise ValueError(f"{path}: vectors are {dim}-d but model.word_dim is {model.cfg.word_dim}")
+    hits = [i for i, w in enumerate(vocab.words) if w in vectors]
+    for enc in model.text.values():
+        with torch.no_grad():
+            for i in hits:
+                enc.embed.weight[i] = torch.from_numpy(vectors[vocab.words[i]])
+    echo(f"word vectors: {len(hits)} of {len(vocab) - 2} vocabulary words "
+         f"({100 * len(hits) / max(1, len(vocab) - 2):.1f}%) initialised from {path}")
+
+
+def _val_report(model, feats, caps, fusion, chunk):
+    sims = score_split(model, feats, caps, chunk)
+    return retrieval_report(fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
+
+
+def choose_fusion(sims: dict, caps: Captions, grid) -> tuple[Fusion, dict]:
+    """Grid search of eq. (7)'s alpha, beta, lambda for the best validation MAP."""
+    has_fg = any(b == "foreground" for b, _ in sims)
+    levels = max(u for _, u in sims)
+    best = None
+    for alpha, beta, lam in itertools.product(grid if has_fg else (1.0,), grid if levels > 1 else (1.0,),
+                                              grid if levels > 2 else (1.0,)):
+        fusion = Fusion(alpha, beta, lam)
+        rep = retrieval_report(fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
+        score = rep[rep["primary"]]["map"]
+        if best is None or score > best[0] + 1e-12:
+            best = (score, fusion, rep)
+    return best[1], best[2]
+
+
+def _summary(report: dict) -> dict:
+    """A report without its PR curves (for checkpoints and logs)."""
+    out = {k: v for k, v in report.items() if not isinstance(v, dict)}
+    for kind in ("category", "instance"):
+        if kind in report:
+            out[kind] = {d: {k: v for k, v in report[kind][d].items() if k != "pr"} for d in ("i2t", "t2i")}
+            out[kind]["map"], out[kind]["rsum"] = report[kind]["map"], report[kind]["rsum"]
+    return out

@@ -1,0 +1,1 @@
+"""Torch-free serving runtime for FB-Net bundles (ONNX Runtime or TensorRT)."""
