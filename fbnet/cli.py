@@ -150,5 +150,55 @@ def evaluate_cmd(checkpoint, split, data_dir, out):
     click.echo(format_report(report))
 
 
+@main.command("export")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="bundle directory")
+@click.option("--fp16", is_flag=True, help="also build FP16 TensorRT engines (needs tensorrt and a GPU)")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset")
+@click.option("--engines-only", is_flag=True, help="SOURCE is a bundle: build its TensorRT engines")
+def export_cmd(source, out, fp16, opset, engines_only):
+    """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory."""
+    from fbnet.export.bundle import build_bundle_engines, export_bundle
+    from fbnet.export.onnx_export import ExportError
+
+    try:
+        if engines_only:
+            engines = build_bundle_engines(source, fp16=True, log=click.echo)
+            click.echo(f"built {len(engines)} engines in {source}")
+            return
+        if out is None:
+            raise click.UsageError("give --out BUNDLE")
+        export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote bundle {out}")
+
+
+@main.command("parity")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), show_default=True)
+@click.option("--backend", default="auto", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), show_default=True)
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="dataset (default: the one trained on)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="also write the result here")
+def parity_cmd(checkpoint, bundle, split, backend, data_dir, json_out):
+    """Check that the runtime ranks a split as PyTorch does (exit 1 when MAP differs too much)."""
+    import json
+
+    from .atomic import atomic_write_text
+    from .parity import format_parity, run_parity
+    from .runtime.cli import ERRORS
+
+    try:
+        res = run_parity(checkpoint, bundle, split=split, backend=backend, data=data_dir)
+    except ERRORS as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_parity(res))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(res, indent=1))
+    if not res["passed"]:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     sys.exit(main())

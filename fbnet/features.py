@@ -22,7 +22,7 @@ from .data.manifest import Item
 from .models.backbone import BlockEncoder
 from .models.detector import Detector, detect
 from .preprocess import load_image
-from .windows import blocks_upto, branch_blocks
+from .windows import blocks_upto, image_block_boxes
 
 
 @dataclass
@@ -43,19 +43,13 @@ def encode_images(canvases: torch.Tensor, encoder: BlockEncoder, detector: Detec
     """Block features of both branches for a batch of canvases ``(N, 3, S, S)``."""
     size = canvases.shape[-1]
     boxes, scores = detect(detector, canvases)
-    bg_boxes, fg_boxes, masks = [], [], []
-    for b, s in zip(boxes, scores):
-        bg, fg, m = branch_blocks(size, b[s > 0].numpy(), levels, max_boxes)
-        bg_boxes.append(bg)
-        fg_boxes.append(fg)
-        masks.append(m)
+    per_image = [image_block_boxes(size, b.numpy(), s.numpy(), levels, max_boxes) for b, s in zip(boxes, scores)]
     n, nb = len(canvases), blocks_upto(levels)
-    all_boxes = torch.from_numpy(np.concatenate(
-        [np.stack(bg_boxes)[:, None], np.stack(fg_boxes)], axis=1).reshape(n, -1, 4))
-    feats = encoder(canvases, all_boxes).reshape(n, 1 + max_boxes, nb, -1)
+    block_boxes = torch.from_numpy(np.stack([p[0] for p in per_image]))
+    feats = encoder(canvases, block_boxes).reshape(n, 1 + max_boxes, nb, -1)
     pad = torch.zeros(n, max_boxes, 4)
     pad[:, : boxes.shape[1]] = boxes[:, :max_boxes] * (scores[:, :max_boxes, None] > 0)
-    return feats[:, 0], feats[:, 1:], torch.from_numpy(np.stack(masks)), pad
+    return feats[:, 0], feats[:, 1:], torch.from_numpy(np.stack([p[1] for p in per_image])), pad
 
 
 def cache_key(items: list[Item], parts: dict) -> str:
@@ -65,25 +59,35 @@ def cache_key(items: list[Item], parts: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
-                  image_size: int, levels: int, max_boxes: int, cache: Path, key: str,
-                  batch_size: int = 32, desc: str = "features") -> SplitFeatures:
-    """Features for ``items``, from ``cache`` when its key matches, else extracted and cached."""
-    cache = Path(cache)
-    if (cache / "key").is_file() and (cache / "key").read_text() == key:
-        return load_split(cache)
+def compute_features(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
+                     image_size: int, levels: int, max_boxes: int, batch_size: int = 32,
+                     dtype=np.float16, desc: str = "features") -> SplitFeatures:
+    """Block features of ``items`` in memory (``dtype`` features)."""
     parts = {"bg": [], "fg": [], "mask": [], "boxes": []}
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
         batch = items[start: start + batch_size]
         canvases = torch.from_numpy(np.stack([load_image(it.image, image_size) for it in batch]))
         bg, fg, mask, boxes = encode_images(canvases, encoder, detector, levels, max_boxes)
-        parts["bg"].append(bg.half().numpy())
-        parts["fg"].append(fg.half().numpy())
+        parts["bg"].append(bg.numpy().astype(dtype))
+        parts["fg"].append(fg.numpy().astype(dtype))
         parts["mask"].append(mask.numpy())
         parts["boxes"].append(boxes.numpy())
+    return SplitFeatures(*(np.concatenate(parts[k]) for k in ("bg", "fg", "mask", "boxes")))
+
+
+def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
+                  image_size: int, levels: int, max_boxes: int, cache: Path, key: str,
+                  batch_size: int = 32, desc: str = "features") -> SplitFeatures:
+    """Features for ``items``, from ``cache`` when its key matches, else extracted (float16) and cached."""
+    cache = Path(cache)
+    if (cache / "key").is_file() and (cache / "key").read_text() == key:
+        return load_split(cache)
+    feats = compute_features(items, encoder, detector, image_size=image_size, levels=levels,
+                             max_boxes=max_boxes, batch_size=batch_size, desc=desc)
     with atomic_dir(cache) as tmp:
-        for name, arrays in parts.items():
-            np.save(tmp / f"{name}.npy", np.concatenate(arrays))
+        for name, array in zip(("bg", "fg", "mask", "boxes"),
+                               (feats.background, feats.foreground, feats.fg_mask, feats.boxes)):
+            np.save(tmp / f"{name}.npy", array)
         (tmp / "key").write_text(key)
     return load_split(cache)
 

@@ -59,11 +59,14 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         if not last.is_file():
             raise CheckpointError(f"{last}: nothing to resume (no last.pt in {out})")
         state = load_checkpoint(last)
+        epochs = cfg.train.epochs  # the one setting a resumed run may change: train for longer
         cfg = FBNetConfig.from_dict(state["config"], f"{last} (config)")
-        echo(f"resuming {out} after epoch {state['epoch']}")
+        cfg.train.epochs = epochs
+        echo(f"resuming {out} after epoch {state['epoch']} of {epochs}")
     elif last.exists():
         raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume or another --out")
-    log_event(out, event="start", config=cfg.to_dict(), dataset=str(dataset.root))
+    log_event(out, event="resume" if resume else "start", config=cfg.to_dict(), dataset=str(dataset.root))
+    tc = cfg.train
 
     # 1-2. frozen stages and cached features
     n_box_classes = len(dataset.box_classes or [])

@@ -111,3 +111,11 @@ def _widen(box, min_side: float, limit: float):
         else:
             y1, y2 = lo, hi
     return (x1, y1, x2, y2)
+
+
+def image_block_boxes(image_size: int, boxes: np.ndarray, scores: np.ndarray, levels: int,
+                      max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every block box of one image, B-Net first then F-Net box by box: ``((1 + J) * B, 4)``,
+    and the F-Net box mask ``(J,)``. Detections with score 0 are padding and are dropped."""
+    bg, fg, mask = branch_blocks(image_size, np.asarray(boxes)[np.asarray(scores) > 0], levels, max_boxes)
+    return np.concatenate([bg[None], fg], axis=0).reshape(-1, 4), mask

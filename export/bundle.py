@@ -1,0 +1,163 @@
+"""``fbnet export``: split a checkpoint into a bundle directory of graphs plus a manifest.
+
+::
+
+    BUNDLE/
+      detector.onnx  image_encoder.onnx  text_encoder.onnx  scorer.onnx
+      vocab.json     manifest.json       [*.engine, timing.cache with --fp16 on a GPU host]
+
+``manifest.json`` records the format version, each graph's inputs and outputs (shapes, dtypes,
+dynamic axes), precision, preprocessing constants, fusion weights, the checkpoint's validation
+metrics, the export check (largest differences to PyTorch), library versions and the sha256 of
+every file. The bundle is built in a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fbnet import FORMAT_VERSION
+from fbnet.atomic import atomic_dir, atomic_write_text
+from fbnet.checkpoint import library_versions, load_checkpoint
+from fbnet.data.manifest import DatasetError, load_dataset
+from fbnet.evaluate import load_model
+from fbnet.models.detector import detect
+from fbnet.pipeline import build_frozen
+from fbnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image
+from fbnet.windows import image_block_boxes
+
+from .graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph, graph_io, key_name
+from .onnx_export import DEFAULT_OPSET, ExportError, compare, export_graph, input_specs, output_specs
+from .tensorrt import build_engines, tensorrt_status
+
+BUNDLE_KIND = "fbnet-bundle"
+FLOAT32_TOLERANCE = 1e-4
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sample_inputs(ckpt: dict, cfg, detector, n: int = 3):
+    """Real canvases and captions from the checkpoint's dataset (test split), else synthetic ones."""
+    size = cfg.model.backbone.image_size
+    try:
+        items = load_dataset(ckpt["data_root"]).split("test")[:n]
+        canvases = np.stack([load_image(it.image, size) for it in items])
+        captions = [it.captions[0] for it in items] + [items[0].captions[-1]]
+        source = f"{len(items)} test images of {ckpt['data_root']}"
+    except (DatasetError, OSError, KeyError):
+        rng = np.random.default_rng(0)
+        canvases = rng.random((n, 3, size, size), dtype=np.float32)
+        captions = ["a small red circle on grass", "a dog runs", "two people walk on the beach"]
+        source = "random canvases (the checkpoint's dataset is not available here)"
+    images = torch.from_numpy(canvases)
+    boxes, scores = detect(detector, images)
+    per_image = [image_block_boxes(size, b.numpy(), s.numpy(), cfg.model.levels, cfg.model.detector.max_boxes)
+                 for b, s in zip(boxes, scores)]
+    block_boxes = torch.from_numpy(np.stack([p[0] for p in per_image]))
+    fg_mask = torch.from_numpy(np.stack([p[1] for p in per_image]).astype(np.float32))
+    return images, block_boxes, fg_mask, captions, source
+
+
+def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                  log=print) -> Path:
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg, model, vocab, fusion = load_model(ckpt)
+    detector, encoder = build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
+    io = graph_io(model, cfg.model.detector.max_boxes)
+    images, block_boxes, fg_mask, captions, source = sample_inputs(ckpt, cfg, detector)
+    ids, lengths = (torch.from_numpy(a) for a in vocab.encode_batch(captions, cfg.data.max_words))
+    log(f"checking graphs against PyTorch on {source}")
+
+    image_graph = ImageEncoderGraph(encoder, model, cfg.model.detector.max_boxes).eval()
+    text_graph = TextEncoderGraph(model).eval()
+    with torch.no_grad():
+        blocks = image_graph(images, block_boxes, fg_mask)
+        windows = text_graph(ids, lengths)
+    graphs = {
+        "image_encoder": (image_graph, (images, block_boxes, fg_mask)),
+        "text_encoder": (text_graph, (ids, lengths)),
+        "scorer": (ScorerGraph(model, fusion).eval(), (fg_mask, *blocks, *windows)),
+    }
+    if detector is not None:
+        graphs = {"detector": (DetectorGraph(detector).eval(), (images[:1],)), **graphs}
+
+    with atomic_dir(out) as tmp:
+        checks, specs = {}, {}
+        for name, (module, args) in graphs.items():
+            path = tmp / f"{name}.onnx"
+            spec = io[name]
+            export_graph(module, args, path, spec["inputs"], spec["outputs"], spec["dynamic"], opset)
+            check = compare(path, module, args, spec["inputs"])
+            log(f"  {path.name:20s} max |diff| {check.max_abs:.2e}  relative {check.max_rel:.2e}")
+            if check.max_rel > FLOAT32_TOLERANCE:
+                raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {check.max_rel:.2e} "
+                                  f"(relative), above the float32 tolerance {FLOAT32_TOLERANCE}")
+            checks[name] = check.to_json()
+            specs[name] = {"file": path.name, "inputs": input_specs(path), "outputs": output_specs(path),
+                           "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec["dynamic"].items()}}
+        vocab.save(tmp / "vocab.json")
+        engines, note = {}, "not requested (use --fp16 on a GPU host with TensorRT)"
+        if fp16:
+            ok, why = tensorrt_status()
+            if ok:
+                engines = build_engines(tmp, specs, fp16=True, log=log)
+                note = "built"
+            else:
+                note = (f"not built: {why}. The ONNX bundle is complete; build the engines later on a GPU "
+                        f"host with: fbnet export --engines-only {out}")
+                log(f"TensorRT engines {note}")
+        manifest = {
+            "kind": BUNDLE_KIND,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "precision": "float32 graphs" + (", float16 TensorRT engines" if engines else ""),
+            "opset": opset,
+            "model": {"levels": cfg.model.levels, "branches": list(cfg.model.branches),
+                      "embed_dim": cfg.model.embed_dim, "max_boxes": cfg.model.detector.max_boxes,
+                      "score_threshold": cfg.model.detector.score_threshold, "max_words": cfg.data.max_words,
+                      "keys": [key_name("", *k).lstrip("_") for k in model.keys]},
+            "preprocess": {"canvas": cfg.model.backbone.image_size, "resize": "bilinear (PIL)",
+                           "channels": "RGB, CHW", "scale": "1/255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                           "normalisation": "inside image_encoder.onnx and detector.onnx"},
+            "fusion": vars(fusion),
+            "graphs": specs,
+            "engines": {"status": note, "files": engines},
+            "export_check": checks,
+            "validation_metrics": ckpt.get("val_metrics"),
+            "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)},
+            "versions": {**library_versions(), "onnx": __import__("onnx").__version__,
+                         "onnxruntime": __import__("onnxruntime").__version__},
+        }
+        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+    return out
+
+
+def build_bundle_engines(bundle: str | Path, fp16: bool = True, log=print) -> dict:
+    """``fbnet export --engines-only``: add TensorRT engines to an existing bundle on a GPU host."""
+    bundle = Path(bundle)
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    ok, why = tensorrt_status()
+    if not ok:
+        raise ExportError(f"cannot build TensorRT engines here: {why}")
+    engines = build_engines(bundle, manifest["graphs"], fp16=fp16, log=log)
+    manifest["engines"] = {"status": "built", "files": engines}
+    manifest["precision"] = "float32 graphs" + (", float16 TensorRT engines" if fp16 else ", float32 engines")
+    manifest["files"] = {p.name: sha256(p) for p in sorted(bundle.iterdir())
+                         if p.is_file() and p.name != "manifest.json"}
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    return engines

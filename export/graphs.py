@@ -1,0 +1,103 @@
+"""The four deployable graphs a checkpoint splits into, as torch modules ready for ONNX export.
+
+* :class:`DetectorGraph`: ``image (1, 3, S, S)`` -> ``boxes (1, J, 4)``, ``scores (1, J)``: the
+  top J detections with score >= threshold, zero-padded (post-processing inside the graph).
+* :class:`ImageEncoderGraph`: ``image (N, 3, S, S)`` + ``block_boxes (N, (1+J)*B, 4)`` +
+  ``fg_mask (N, J)`` -> unit block embeddings per branch and level, ``blocks_B1`` ... ``blocks_F3``
+  (cropping/pooling by RoIAlign inside the graph).
+* :class:`TextEncoderGraph`: ``ids (N, L)`` + ``lengths (N,)`` -> unit text-window embeddings per
+  branch and level, ``windows_B1`` ... ``windows_F3`` (the GRU runs on lengths; no packing).
+* :class:`ScorerGraph`: a batch of images' block embeddings + ``fg_mask`` x a batch of captions'
+  window embeddings -> ``similarity (I, C)`` fused by eq. (7), and ``sim_B1`` ... ``sim_F3``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fbnet.models.backbone import BlockEncoder
+from fbnet.models.fbnet import BRANCH_KEY, FBNet, Fusion, fuse
+from fbnet.windows import blocks_per_level, blocks_upto
+
+
+def key_name(prefix: str, branch: str, level: int) -> str:
+    return f"{prefix}_{BRANCH_KEY[branch]}{level}"
+
+
+class DetectorGraph(nn.Module):
+    def __init__(self, detector):
+        super().__init__()
+        self.model = detector.model
+        self.j, self.threshold = detector.max_boxes, detector.score_threshold
+
+    def forward(self, image: torch.Tensor):
+        out = self.model([image[0]])[0]
+        boxes = torch.cat([out["boxes"], torch.zeros(self.j, 4)], dim=0)[: self.j]
+        scores = torch.cat([out["scores"], torch.zeros(self.j)], dim=0)[: self.j]
+        keep = (scores >= self.threshold).to(scores.dtype)
+        return (boxes * keep.unsqueeze(1)).unsqueeze(0), (scores * keep).unsqueeze(0)
+
+
+class ImageEncoderGraph(nn.Module):
+    def __init__(self, encoder: BlockEncoder, model: FBNet, max_boxes: int):
+        super().__init__()
+        self.encoder, self.model, self.j = encoder, model, max_boxes
+
+    def forward(self, image: torch.Tensor, block_boxes: torch.Tensor, fg_mask: torch.Tensor):
+        n = image.shape[0]
+        feats = self.encoder(image, block_boxes).reshape(n, 1 + self.j, blocks_upto(self.model.levels), -1)
+        enc = self.model.encode_images(feats[:, 0], feats[:, 1:], fg_mask)
+        return tuple(enc[k][0] for k in self.model.keys)
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, model: FBNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
+        enc = self.model.encode_texts(ids, lengths)
+        return tuple(enc[k] for k in self.model.keys)
+
+
+class ScorerGraph(nn.Module):
+    """Inputs: ``fg_mask`` then, per key, the blocks; then, per key, the windows."""
+
+    def __init__(self, model: FBNet, fusion: Fusion):
+        super().__init__()
+        self.model, self.fusion = model, fusion
+
+    def forward(self, fg_mask: torch.Tensor, *tensors: torch.Tensor):
+        keys = self.model.keys
+        blocks, windows = tensors[: len(keys)], tensors[len(keys):]
+        images = {}
+        for key, b in zip(keys, blocks):
+            branch, level = key
+            if branch == "background":
+                mask = torch.ones(b.shape[:2], dtype=b.dtype)
+            else:
+                mask = fg_mask.to(b.dtype).repeat_interleave(blocks_per_level(level), dim=1)
+            images[key] = (b, mask)
+        sims = self.model.similarities(images, dict(zip(keys, windows)))
+        return (fuse(sims, self.fusion), *(sims[k] for k in keys))
+
+
+def graph_io(model: FBNet, max_boxes: int) -> dict[str, dict]:
+    """Input/output names and dynamic axes of every graph (what the manifest records)."""
+    keys = model.keys
+    blocks = [key_name("blocks", *k) for k in keys]
+    windows = [key_name("windows", *k) for k in keys]
+    sims = [key_name("sim", *k) for k in keys]
+    return {
+        "detector": {"inputs": ["image"], "outputs": ["boxes", "scores"], "dynamic": {}},
+        "image_encoder": {"inputs": ["image", "block_boxes", "fg_mask"], "outputs": blocks,
+                          "dynamic": {n: {0: "images"} for n in ["image", "block_boxes", "fg_mask", *blocks]}},
+        "text_encoder": {"inputs": ["ids", "lengths"], "outputs": windows,
+                         "dynamic": {"ids": {0: "captions", 1: "words"}, "lengths": {0: "captions"},
+                                     **{n: {0: "captions"} for n in windows}}},
+        "scorer": {"inputs": ["fg_mask", *blocks, *windows], "outputs": ["similarity", *sims],
+                   "dynamic": {"fg_mask": {0: "images"}, **{n: {0: "images"} for n in blocks},
+                               **{n: {0: "captions"} for n in windows},
+                               **{n: {0: "images", 1: "captions"} for n in ["similarity", *sims]}}},
+    }

@@ -1,0 +1,127 @@
+"""On-disk galleries: images and captions encoded once, memory-mapped at query time.
+
+::
+
+    GALLERY/
+      gallery.json                 bundle fingerprint, image paths, captions, dtype, counts
+      images/<key>.npy             (N_images, K, d) block embeddings per key (B1 ... F3)
+      images/fg_mask.npy           (N_images, J)
+      texts/<key>.npy              (N_captions, u**2, d) window embeddings per key
+
+Indexing works in parts under ``GALLERY.partial/`` (each part written atomically), so an
+interrupted ``index`` resumes where it stopped; the finished gallery is renamed into place.
+A gallery remembers its bundle's fingerprint and is refused by any other bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fbnet.atomic import atomic_write, atomic_write_text
+
+from .bundle import Bundle
+from .retriever import ImageFeatures, QueryError, Retriever, TextFeatures, concat_images
+
+GALLERY_KIND = "fbnet-gallery"
+
+
+class GalleryError(ValueError):
+    """A gallery is missing, incomplete or made with another bundle."""
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """One caption per line; a blank line is an error that names the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GalleryError(f"{path}: captions file not found")
+    lines = path.read_text(errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise QueryError(f"{path} line {n}: empty caption")
+    return lines
+
+
+def list_images(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise GalleryError(f"{directory}: image directory not found")
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in exts)
+
+
+def build_gallery(retriever: Retriever, images: list[Path], captions: list[str], out: str | Path,
+                  part_size: int = 64, dtype: str = "float32") -> Path:
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": GALLERY_KIND, "bundle": retriever.bundle.fingerprint, "dtype": dtype,
+            "images": [str(p) for p in images], "captions": captions, "keys": retriever.keys}
+    plan = work / "plan.json"
+    if plan.is_file() and json.loads(plan.read_text()) != meta:
+        shutil.rmtree(work)  # a different request: start over
+        work.mkdir(parents=True)
+    atomic_write_text(plan, json.dumps(meta))
+    n_parts = (len(images) + part_size - 1) // part_size
+    for p in tqdm(range(n_parts), desc="index images", unit="part"):
+        target = work / f"images-{p:05d}.npz"
+        if not target.is_file():
+            feats = retriever.encode_images(images[p * part_size: (p + 1) * part_size])
+            arrays = {**{k: v.astype(dtype) for k, v in feats.blocks.items()}, "fg_mask": feats.fg_mask}
+            atomic_write(target, lambda fh: np.savez(fh, **arrays))
+    text_target = work / "texts.npz"
+    if not text_target.is_file():
+        feats = retriever.encode_texts(captions) if captions else None
+        arrays = {k: v.astype(dtype) for k, v in feats.windows.items()} if feats else {}
+        atomic_write(text_target, lambda fh: np.savez(fh, **arrays))
+    # consolidate into memory-mappable arrays, then publish the directory in one rename
+    final = work / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    (final / "images").mkdir(parents=True)
+    (final / "texts").mkdir()
+    parts = [np.load(work / f"images-{p:05d}.npz") for p in range(n_parts)]
+    if parts:
+        merged = concat_images([ImageFeatures({k: q[k] for k in retriever.keys}, q["fg_mask"]) for q in parts])
+        for k, v in merged.blocks.items():
+            np.save(final / "images" / f"{k}.npy", v)
+        np.save(final / "images" / "fg_mask.npy", merged.fg_mask)
+    with np.load(text_target) as texts:
+        for k in texts.files:
+            np.save(final / "texts" / f"{k}.npy", texts[k])
+    atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images),
+                                                         "n_captions": len(captions)}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(final, out)
+    shutil.rmtree(work)
+    return out
+
+
+class Gallery:
+    def __init__(self, root: str | Path, bundle: Bundle):
+        root = Path(root)
+        meta_path = root / "gallery.json"
+        if not meta_path.is_file():
+            partial = root.with_name(root.name + ".partial")
+            hint = f"; an interrupted index is in {partial}, run index again to resume" if partial.exists() else ""
+            raise GalleryError(f"{meta_path}: missing; is {root} a gallery made by `fbnet-serve-cli index`?{hint}")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("bundle") != bundle.fingerprint:
+            raise GalleryError(f"{root}: made with another bundle (its fingerprint differs from "
+                               f"{bundle.root / 'manifest.json'}); re-run `fbnet-serve-cli index` with this bundle")
+        self.root, self.meta = root, meta
+        self.images: list[str] = meta["images"]
+        self.captions: list[str] = meta["captions"]
+        keys = meta["keys"]
+        load = lambda p: np.load(p, mmap_mode="r")  # noqa: E731
+        self.image_features = (ImageFeatures({k: load(root / "images" / f"{k}.npy") for k in keys},
+                                             load(root / "images" / "fg_mask.npy")) if self.images else None)
+        self.text_features = (TextFeatures({k: load(root / "texts" / f"{k}.npy") for k in keys})
+                              if self.captions else None)

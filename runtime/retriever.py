@@ -1,0 +1,124 @@
+"""The serving pipeline: chain the bundle's graphs for images, captions and scores (no torch).
+
+Images: decode + resize to the canvas (:mod:`fbnet.preprocess`), ``detector`` (one image at a
+time: its input is static), window boxes of both branches (:mod:`fbnet.windows`, the code
+training used), then ``image_encoder`` in batches. Captions: the bundle's vocabulary, then
+``text_encoder`` in batches. Scores: ``scorer`` over chunks of images x captions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fbnet.preprocess import load_image
+from fbnet.vocab import tokenize
+from fbnet.windows import image_block_boxes
+
+from .backends import Backend
+from .bundle import Bundle
+
+
+class QueryError(ValueError):
+    """A query is unusable (an empty caption, an unreadable image); the message says which."""
+
+
+@dataclass
+class ImageFeatures:
+    """Block embeddings per key (``B1`` ... ``F3``): ``(N, K, d)``; F-Net box mask ``(N, J)``."""
+
+    blocks: dict[str, np.ndarray]
+    fg_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.fg_mask)
+
+    def take(self, index) -> "ImageFeatures":
+        return ImageFeatures({k: np.asarray(v[index]) for k, v in self.blocks.items()},
+                             np.asarray(self.fg_mask[index]))
+
+
+@dataclass
+class TextFeatures:
+    """Text-window embeddings per key: ``(N, u**2, d)``."""
+
+    windows: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.windows.values())))
+
+    def take(self, index) -> "TextFeatures":
+        return TextFeatures({k: np.asarray(v[index]) for k, v in self.windows.items()})
+
+
+class Retriever:
+    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 16, chunk: int = 256):
+        self.bundle, self.backend = bundle, backend
+        self.batch_size, self.chunk = batch_size, chunk
+        self.keys = bundle.keys
+        m = bundle.model
+        self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
+
+    # -- images -------------------------------------------------------------------------
+    def detect(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.bundle.graph("detector") is None:
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+        boxes, scores = self.backend.run("detector", {"image": canvas[None]})
+        return boxes[0], scores[0]
+
+    def encode_canvases(self, canvases: np.ndarray) -> ImageFeatures:
+        size = canvases.shape[-1]
+        per = [image_block_boxes(size, *self.detect(c), self.levels, self.max_boxes) for c in canvases]
+        block_boxes = np.stack([p[0] for p in per]).astype(np.float32)
+        fg_mask = np.stack([p[1] for p in per]).astype(np.float32)
+        outs = self.backend.run("image_encoder", {"image": canvases.astype(np.float32),
+                                                  "block_boxes": block_boxes, "fg_mask": fg_mask})
+        return ImageFeatures(dict(zip(self.keys, outs)), fg_mask)
+
+    def encode_images(self, paths: list[str | Path]) -> ImageFeatures:
+        parts = []
+        for start in range(0, len(paths), self.batch_size):
+            batch = paths[start: start + self.batch_size]
+            parts.append(self.encode_canvases(np.stack([load_image(p, self.bundle.canvas) for p in batch])))
+        return concat_images(parts)
+
+    # -- captions -----------------------------------------------------------------------
+    def encode_texts(self, captions: list[str]) -> TextFeatures:
+        for c in captions:
+            if not tokenize(c):
+                raise QueryError(f"empty caption {c!r}: a caption needs at least one word")
+        parts = []
+        for start in range(0, len(captions), max(self.batch_size, 64)):
+            ids, lengths = self.bundle.vocab.encode_batch(captions[start: start + max(self.batch_size, 64)],
+                                                          self.max_words)
+            outs = self.backend.run("text_encoder", {"ids": ids, "lengths": lengths})
+            parts.append(TextFeatures(dict(zip(self.keys, outs))))
+        return TextFeatures({k: np.concatenate([p.windows[k] for p in parts]) for k in self.keys})
+
+    # -- scores -------------------------------------------------------------------------
+    def score(self, images: ImageFeatures, texts: TextFeatures, per_key: bool = False):
+        """Fused similarity ``(I, C)`` (eq. 7), and the per-key matrices when ``per_key``."""
+        n_img, n_cap = len(images), len(texts)
+        fused = np.zeros((n_img, n_cap), np.float32)
+        parts = {k: np.zeros((n_img, n_cap), np.float32) for k in self.keys} if per_key else None
+        img_chunk = max(1, self.chunk // 4)
+        for i in range(0, n_img, img_chunk):
+            im = images.take(slice(i, i + img_chunk))
+            for c in range(0, n_cap, self.chunk):
+                tx = texts.take(slice(c, c + self.chunk))
+                feeds = {"fg_mask": im.fg_mask.astype(np.float32)}
+                feeds.update({f"blocks_{k}": im.blocks[k].astype(np.float32) for k in self.keys})
+                feeds.update({f"windows_{k}": tx.windows[k].astype(np.float32) for k in self.keys})
+                out = self.backend.run("scorer", feeds)
+                fused[i: i + img_chunk, c: c + self.chunk] = out[0]
+                if per_key:
+                    for k, s in zip(self.keys, out[1:]):
+                        parts[k][i: i + img_chunk, c: c + self.chunk] = s
+        return (fused, parts) if per_key else fused
+
+
+def concat_images(parts: list[ImageFeatures]) -> ImageFeatures:
+    return ImageFeatures({k: np.concatenate([p.blocks[k] for p in parts]) for k in parts[0].blocks},
+                         np.concatenate([p.fg_mask for p in parts]))
