@@ -14,7 +14,6 @@ every file. The bundle is built in a temporary directory and renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from fbnet.evaluate import load_model
 from fbnet.models.detector import detect
 from fbnet.pipeline import build_frozen
 from fbnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image
+from fbnet.runtime.bundle import sha256
 from fbnet.windows import image_block_boxes
 
 from .graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph, graph_io, key_name
@@ -38,14 +38,6 @@ from .tensorrt import build_engines, tensorrt_status
 
 BUNDLE_KIND = "fbnet-bundle"
 FLOAT32_TOLERANCE = 1e-4
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sample_inputs(ckpt: dict, cfg, detector, n: int = 3):

@@ -39,7 +39,8 @@ class Bundle:
         return self.manifest["graphs"].get(name)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file (what manifests record for every bundle file)."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -68,10 +69,10 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             f = root / name
             if not f.is_file():
                 raise BundleError(f"{f}: missing from the bundle (listed in manifest.json)")
-            if _sha256(f) != digest:
+            if sha256(f) != digest:
                 raise BundleError(f"{f}: altered since export (sha256 differs from manifest.json)")
     try:
         vocab = Vocabulary.load(root / "vocab.json")
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise BundleError(f"{root / 'vocab.json'}: unreadable vocabulary ({exc})") from None
-    return Bundle(root, manifest, vocab, _sha256(manifest_path))
+    return Bundle(root, manifest, vocab, sha256(manifest_path))

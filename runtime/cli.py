@@ -68,16 +68,18 @@ def query_cmd(images, texts, bundle, gallery, top_k, as_json, backend):
         raise click.UsageError("give query images, or --text \"a caption\"")
     retriever = _retriever(bundle, backend)
     g = Gallery(gallery, retriever.bundle)
+    image_queries = retriever.encode_images(list(images)) if images else None
+    text_queries = retriever.encode_texts(list(texts)) if texts else None
     results = []
-    if images:
+    if image_queries is not None:
         if g.text_features is None:
             raise GalleryError(f"{gallery}: has no captions to rank for an image query")
-        scores = retriever.score(retriever.encode_images(list(images)), g.text_features)
+        scores = retriever.score(image_queries, g.text_features)
         results += _rank(images, "image", scores, g.captions, "caption", top_k)
-    if texts:
+    if text_queries is not None:
         if g.image_features is None:
             raise GalleryError(f"{gallery}: has no images to rank for a text query")
-        scores = retriever.score(g.image_features, retriever.encode_texts(list(texts))).T
+        scores = retriever.score(g.image_features, text_queries).T
         results += _rank(texts, "text", scores, g.images, "image", top_k)
     if as_json:
         click.echo(json.dumps({"backend": retriever.backend.name, "results": results}, indent=1))

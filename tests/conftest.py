@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -15,3 +16,33 @@ def tiny_synth(tmp_path_factory):
     from fbnet.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("data") / "synth", seed=3, sizes=(24, 8, 8))
+
+
+CONFIG = """
+model:
+  embed_dim: 96
+  backbone: {name: detector, mode: roi, image_size: 128}
+  detector: {name: fasterrcnn_light, epochs: 3, batch_size: 8, lr: 0.02}
+train:
+  epochs: 5
+  batch_size: 64
+  lr: 0.001
+"""
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny FB-Net trained through the CLI (shared by the end-to-end, export and runtime tests)."""
+    from fbnet.cli import main
+
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "cfg.yaml").write_text(CONFIG)
+    runner = CliRunner()
+    res = runner.invoke(main, ["data", "synth", "--out", str(root / "data"), "--sizes", "240,60,60", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["train", "--data", str(root / "data"), "--config", str(root / "cfg.yaml"),
+                               "--out", str(root / "run"), "--epochs", "4"])
+    assert res.exit_code == 0, res.output
+    return root
+
+

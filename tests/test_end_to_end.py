@@ -15,31 +15,6 @@ from fbnet.metrics import retrieval_report
 from fbnet.models.fbnet import FBNet, Fusion, fuse
 from fbnet.pipeline import Captions, build_frozen, score_split, split_features
 
-CONFIG = """
-model:
-  embed_dim: 96
-  backbone: {name: detector, mode: roi, image_size: 128}
-  detector: {name: fasterrcnn_light, epochs: 3, batch_size: 8, lr: 0.02}
-train:
-  epochs: 5
-  batch_size: 64
-  lr: 0.001
-"""
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    (root / "cfg.yaml").write_text(CONFIG)
-    runner = CliRunner()
-    res = runner.invoke(main, ["data", "synth", "--out", str(root / "data"), "--sizes", "240,60,60", "--seed", "1"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["train", "--data", str(root / "data"), "--config", str(root / "cfg.yaml"),
-                               "--out", str(root / "run"), "--epochs", "4"])
-    assert res.exit_code == 0, res.output
-    return root
-
-
 def _test_map(ckpt, model):
     cfg, _, vocab, fusion = load_model(ckpt)
     ds = load_dataset(ckpt["data_root"])

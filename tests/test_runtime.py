@@ -1,0 +1,168 @@
+"""Export, the torch-free runtime, bad input, resumable indexing and parity, on the tiny trained model."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from fbnet.cli import main as fbnet_main
+
+
+@pytest.fixture(scope="module")
+def bundle(trained):
+    out = trained / "bundle"
+    if not out.exists():
+        res = CliRunner().invoke(fbnet_main, ["export", str(trained / "run" / "best.pt"), "--out", str(out), "--fp16"])
+        assert res.exit_code == 0, res.output
+        assert "engines not built" in res.output and "--engines-only" in res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def gallery_inputs(trained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery_inputs")
+    items = [json.loads(line) for line in (trained / "data" / "manifest.jsonl").read_text().splitlines()]
+    test = [i for i in items if i["split"] == "test"][:12]
+    (root / "images").mkdir()
+    for it in test:
+        shutil.copy(trained / "data" / it["image"], root / "images")
+    (root / "captions.txt").write_text("".join(it["captions"][0] + "\n" for it in test))
+    return root
+
+
+def serve(*args, block_torch=True):
+    """Run fbnet-serve-cli in a fresh interpreter in which `import torch` fails."""
+    code = textwrap.dedent(f"""
+        import sys
+        if {block_torch}:
+            sys.modules["torch"] = None  # any import of torch now raises ImportError
+        from fbnet.runtime.cli import main
+        code = main({list(map(str, args))!r})
+        assert "torch" not in sys.modules or sys.modules["torch"] is None
+        sys.exit(code)
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_bundle_files_manifest_and_checker(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name in ("detector.onnx", "image_encoder.onnx", "text_encoder.onnx", "scorer.onnx", "vocab.json"):
+        assert (bundle / name).is_file() and len(manifest["files"][name]) == 64
+        if name.endswith(".onnx"):
+            onnx.checker.check_model(onnx.load(str(bundle / name)), full_check=True)
+    assert manifest["kind"] == "fbnet-bundle" and manifest["format_version"] == 1
+    assert set(manifest["fusion"]) == {"alpha", "beta", "lam"}
+    text = manifest["graphs"]["text_encoder"]
+    assert [i["name"] for i in text["inputs"]] == ["ids", "lengths"]
+    assert text["inputs"][0]["shape"] == ["captions", "words"]
+    assert manifest["graphs"]["detector"]["inputs"][0]["shape"] == [1, 3, 128, 128]  # static for the detector
+    assert all(c["max_rel"] <= 1e-4 for c in manifest["export_check"].values())
+    assert "not built" in manifest["engines"]["status"]
+    assert manifest["validation_metrics"] and "torch" in manifest["versions"]
+    ops = {n.op_type for n in onnx.load(str(bundle / "text_encoder.onnx")).graph.node}
+    assert "GRU" in ops and "Loop" not in ops
+
+
+def test_engines_only_without_tensorrt_is_a_clear_error(bundle):
+    res = CliRunner().invoke(fbnet_main, ["export", str(bundle), "--engines-only"])
+    assert res.exit_code == 1 and "tensorrt" in res.output.lower()
+
+
+def test_runtime_index_and_queries_without_torch(bundle, gallery_inputs, tmp_path):
+    gal = tmp_path / "gallery"
+    res = serve("index", "--bundle", bundle, "--images", gallery_inputs / "images",
+                "--captions", gallery_inputs / "captions.txt", "--out", gal)
+    assert res.returncode == 0, res.stderr
+    assert "indexed 12 images and 12 captions" in res.stdout
+    assert not gal.with_name("gallery.partial").exists()
+    image = sorted((gallery_inputs / "images").iterdir())[0]
+    res = serve(image, image, "--bundle", bundle, "--gallery", gal, "--top-k", "3", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["backend"] == "onnxruntime" and len(out["results"]) == 2
+    assert [h["rank"] for h in out["results"][0]["hits"]] == [1, 2, 3]
+    scores = [h["score"] for h in out["results"][0]["hits"]]
+    assert scores == sorted(scores, reverse=True)
+    res = serve("--text", "a big red circle on grass", "--bundle", bundle, "--gallery", gal, "--top-k", "2")
+    assert res.returncode == 0, res.stderr
+    assert "text query: a big red circle on grass" in res.stdout and res.stdout.count(".png") == 2
+
+
+def test_bad_inputs_give_one_clear_error(bundle, gallery_inputs, tmp_path):
+    gal = tmp_path / "gallery"
+    assert serve("index", "--bundle", bundle, "--captions", gallery_inputs / "captions.txt", "--out", gal,
+                 block_torch=False).returncode == 0
+    res = serve(tmp_path / "nope.jpg", "--bundle", bundle, "--gallery", gal)
+    assert res.returncode == 1 and "nope.jpg: image not found" in res.stderr
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    res = serve(tmp_path / "bad.jpg", "--bundle", bundle, "--gallery", gal)
+    assert res.returncode == 1 and "bad.jpg: cannot decode" in res.stderr
+    res = serve("--text", "  ", "--bundle", bundle, "--gallery", gal)
+    assert res.returncode == 1 and "empty caption" in res.stderr
+    (tmp_path / "caps.txt").write_text("a red circle\n\nmore words here\n")
+    res = serve("index", "--bundle", bundle, "--captions", tmp_path / "caps.txt", "--out", tmp_path / "g2")
+    assert res.returncode == 1 and "caps.txt line 2: empty caption" in res.stderr
+    assert not (tmp_path / "g2").exists()
+    altered = tmp_path / "altered"
+    shutil.copytree(bundle, altered)
+    with (altered / "scorer.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    res = serve("--text", "a red circle", "--bundle", altered, "--gallery", gal)
+    assert res.returncode == 1 and "scorer.onnx: altered since export" in res.stderr
+    (altered / "scorer.onnx").unlink()
+    res = serve("--text", "a red circle", "--bundle", altered, "--gallery", gal)
+    assert res.returncode == 1 and "scorer.onnx: missing from the bundle" in res.stderr
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["created"] = "another export"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    res = serve("--text", "a red circle", "--bundle", other, "--gallery", gal)
+    assert res.returncode == 1 and "made with another bundle" in res.stderr
+
+
+def test_index_resumes_after_an_interruption(bundle, gallery_inputs, tmp_path):
+    from fbnet.runtime.backends import select_backend
+    from fbnet.runtime.bundle import open_bundle
+    from fbnet.runtime.gallery import Gallery, build_gallery, list_images
+    from fbnet.runtime.retriever import Retriever
+
+    b = open_bundle(bundle)
+    retriever = Retriever(b, select_backend(b, "onnxruntime"))
+    images = list_images(gallery_inputs / "images")
+    calls = []
+    real = retriever.encode_images
+
+    def flaky(paths):
+        calls.append(len(paths))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(paths)
+
+    retriever.encode_images = flaky
+    with pytest.raises(KeyboardInterrupt):
+        build_gallery(retriever, images, ["a red circle"], tmp_path / "g", part_size=5)
+    assert not (tmp_path / "g").exists() and (tmp_path / "g.partial" / "images-00000.npz").is_file()
+    build_gallery(retriever, images, ["a red circle"], tmp_path / "g", part_size=5)
+    assert calls == [5, 5, 5, 2]  # the first part was not encoded again
+    g = Gallery(tmp_path / "g", b)
+    full = real(images)
+    for k, v in full.blocks.items():
+        assert np.allclose(g.image_features.blocks[k], v, atol=1e-6)
+
+
+def test_parity_passes_on_onnxruntime(trained, bundle, tmp_path):
+    res = CliRunner().invoke(fbnet_main, ["parity", str(trained / "run" / "best.pt"), str(bundle),
+                                          "--backend", "onnxruntime", "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "PASS" in res.output
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert abs(result["map_diff"]) <= 0.005 and result["top10_agreement_i2t"] > 0.99
+    assert result["max_score_diff"] < 1e-3
