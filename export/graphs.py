@@ -28,13 +28,14 @@ def key_name(prefix: str, branch: str, level: int) -> str:
 class DetectorGraph(nn.Module):
     def __init__(self, detector):
         super().__init__()
-        self.model = detector.model
+        self.detector = detector
         self.j, self.threshold = detector.max_boxes, detector.score_threshold
 
     def forward(self, image: torch.Tensor):
-        out = self.model([image[0]])[0]
-        boxes = torch.cat([out["boxes"], torch.zeros(self.j, 4)], dim=0)[: self.j]
-        scores = torch.cat([out["scores"], torch.zeros(self.j)], dim=0)[: self.j]
+        found_boxes, found_scores = self.detector.detections(image[0])
+        # pad with zeros, then keep the first J: no data-dependent shapes leave the graph
+        boxes = torch.cat([found_boxes, torch.zeros(self.j, 4)], dim=0)[: self.j]
+        scores = torch.cat([found_scores, torch.zeros(self.j)], dim=0)[: self.j]
         keep = (scores >= self.threshold).to(scores.dtype)
         return (boxes * keep.unsqueeze(1)).unsqueeze(0), (scores * keep).unsqueeze(0)
 

@@ -5,8 +5,9 @@
 3. Epochs over random mini-batches of (image, caption) pairs: the loss (DSAW or triplet) of
    every (branch, level) similarity matrix, summed; validation MAP after each epoch; the best
    epoch kept (``best.pt``), the latest one too (``last.pt``, for ``--resume``).
-4. Choose the fusion weights of eq. (7) on the validation split from the grid, store them in
-   ``best.pt``, and evaluate the test split.
+4. Choose the fusion weights of eq. (7) on the validation split from the grid and store them in
+   ``best.pt`` (the CLI then evaluates the test split, or the validation split when the dataset
+   has no test split, as the shared Flickr8k has none).
 
 Everything a run writes goes under ``out``: ``detector.pt``, ``features/``, ``last.pt``,
 ``best.pt``, ``log.jsonl``, ``metrics.json``, ``pr_curve.png``.
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import FBNetConfig
 from .data.embeddings import load_word_vectors
-from .data.manifest import Dataset
+from .data.manifest import Dataset, DatasetError
 from .losses import pair_loss
 from .metrics import retrieval_report
 from .models.detector import finetune
@@ -72,7 +73,10 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     n_box_classes = len(dataset.box_classes or [])
     detector, encoder = _frozen_stages(cfg, dataset, out, n_box_classes, echo)
     feats = {s: split_features(cfg, dataset.split(s), detector, encoder, out / "features", s)
-             for s in ("train", "val", "test")}
+             for s in dataset.splits if s in ("train", "val", "test")}
+    for needed in ("train", "val"):
+        if needed not in feats:
+            raise DatasetError(f"{dataset.root / 'manifest.jsonl'}: training needs a {needed!r} split")
 
     labelled = dataset.has_labels
     if not labelled:

@@ -20,11 +20,11 @@ def tiny_synth(tmp_path_factory):
 
 CONFIG = """
 model:
-  embed_dim: 96
+  embed_dim: 128
   backbone: {name: detector, mode: roi, image_size: 128}
-  detector: {name: fasterrcnn_light, epochs: 3, batch_size: 8, lr: 0.02}
+  detector: {name: fasterrcnn_light, epochs: 6, batch_size: 8, lr: 0.02, max_boxes: 4}
 train:
-  epochs: 5
+  epochs: 6
   batch_size: 64
   lr: 0.001
 """
@@ -38,10 +38,10 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     (root / "cfg.yaml").write_text(CONFIG)
     runner = CliRunner()
-    res = runner.invoke(main, ["data", "synth", "--out", str(root / "data"), "--sizes", "240,60,60", "--seed", "1"])
+    res = runner.invoke(main, ["data", "synth", "--out", str(root / "data"), "--sizes", "300,60,60", "--seed", "1"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["train", "--data", str(root / "data"), "--config", str(root / "cfg.yaml"),
-                               "--out", str(root / "run"), "--epochs", "4"])
+                               "--out", str(root / "run")])
     assert res.exit_code == 0, res.output
     return root
 

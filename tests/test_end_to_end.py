@@ -47,7 +47,7 @@ def test_run_outputs_and_checkpoint_contents(trained):
     metrics = json.loads((run / "metrics-test.json").read_text())
     assert metrics["category"]["map"] > metrics["chance_map"]
     events = [json.loads(line)["event"] for line in (run / "log.jsonl").read_text().splitlines()]
-    assert events.count("epoch") == 4 and "fusion" in events
+    assert events.count("epoch") == 6 and "fusion" in events
 
 
 def test_resume_continues_an_interrupted_run(trained):
@@ -55,10 +55,10 @@ def test_resume_continues_an_interrupted_run(trained):
     args = ["train", "--data", str(trained / "data"), "--out", str(trained / "run")]
     res = runner.invoke(main, args)
     assert res.exit_code == 1 and "--resume" in res.output
-    res = runner.invoke(main, args + ["--resume", "--epochs", "5"])
+    res = runner.invoke(main, args + ["--resume", "--epochs", "7"])
     assert res.exit_code == 0, res.output
-    assert "resuming" in res.output and "epoch 5:" in res.output and "epoch 4:" not in res.output
-    assert load_checkpoint(trained / "run" / "last.pt")["epoch"] == 5
+    assert "resuming" in res.output and "epoch 7:" in res.output and "epoch 6:" not in res.output
+    assert load_checkpoint(trained / "run" / "last.pt")["epoch"] == 7
 
 
 def test_evaluate_command_and_bad_checkpoint(trained, tmp_path):

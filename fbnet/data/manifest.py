@@ -72,6 +72,12 @@ class Dataset:
     def has_boxes(self) -> bool:
         return self.box_classes is not None and any(i.boxes for i in self.items)
 
+    @property
+    def splits(self) -> list[str]:
+        """The splits that hold items, in train/val/test order."""
+        present = {i.split for i in self.items}
+        return [s for s in SPLITS if s in present]
+
     def split(self, name: str) -> list[Item]:
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")

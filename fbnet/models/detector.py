@@ -24,10 +24,22 @@ from .backbone import load_state_dict_file
 
 
 class Detector(nn.Module):
-    """Interface: ``forward(images) -> (boxes (N, J, 4), scores (N, J))``."""
+    """Interface: ``forward(images) -> (boxes (N, J, 4), scores (N, J))``.
+
+    A detector implements ``detections(image)``: for one ``(3, S, S)`` canvas, every kept box
+    ``(P, 4)`` and score ``(P,)`` after non-maximum suppression, sorted by decreasing score.
+    ``forward`` and the exported graph (``fbnet.export.graphs.DetectorGraph``) both build on it.
+    """
 
     max_boxes: int
     score_threshold: float
+
+    def detections(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor):
+        found = [self.detections(image) for image in images]
+        return self.select([f[0] for f in found], [f[1] for f in found])
 
     def select(self, boxes: list[torch.Tensor], scores: list[torch.Tensor]):
         """Keep at most ``max_boxes`` boxes with score >= threshold per image, padded to J."""
@@ -50,7 +62,11 @@ class TorchvisionDetector(Detector):
         self.model = model
         self.max_boxes, self.score_threshold = max_boxes, score_threshold
 
-    def forward(self, images: torch.Tensor):
+    def detections(self, image: torch.Tensor):
+        out = self.model([image])[0]
+        return out["boxes"], out["scores"]
+
+    def forward(self, images: torch.Tensor):  # one batched call through the R-CNN
         out = self.model(list(images))
         return self.select([o["boxes"] for o in out], [o["scores"] for o in out])
 

@@ -150,23 +150,22 @@ class YoloV3Tiny(nn.Module):
     def decode(self, heads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Boxes ``(N, P, 4)`` (x1, y1, x2, y2 in network pixels), objectness ``(N, P)`` and class
         probabilities ``(N, P, classes)`` of every prediction of every yolo layer."""
-        all_boxes, all_obj, all_cls = [], [], []
-        for out, head in zip(heads, self.heads):
-            n, _, h, w = out.shape
-            a = len(head["anchors"])
-            p = out.view(n, a, 5 + head["classes"], h, w).permute(0, 1, 3, 4, 2)  # (N, A, H, W, 5+C)
-            gy, gx = torch.meshgrid(torch.arange(h, dtype=out.dtype), torch.arange(w, dtype=out.dtype),
-                                    indexing="ij")
-            anchors = torch.tensor(head["anchors"], dtype=out.dtype).view(1, a, 1, 1, 2)
-            cx = (torch.sigmoid(p[..., 0]) + gx) * (self.size / w)
-            cy = (torch.sigmoid(p[..., 1]) + gy) * (self.size / h)
-            bw = torch.exp(p[..., 2]) * anchors[..., 0]
-            bh = torch.exp(p[..., 3]) * anchors[..., 1]
-            boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
-            all_boxes.append(boxes.reshape(n, -1, 4))
-            all_obj.append(torch.sigmoid(p[..., 4]).reshape(n, -1))
-            all_cls.append(torch.sigmoid(p[..., 5:]).reshape(n, -1, head["classes"]))
-        return torch.cat(all_boxes, 1), torch.cat(all_obj, 1), torch.cat(all_cls, 1)
+        parts = [self.decode_head(out, head) for out, head in zip(heads, self.heads)]
+        return tuple(torch.cat([p[i].flatten(1, 3) for p in parts], dim=1) for i in range(3))
+
+    def decode_head(self, out: torch.Tensor, head: dict):
+        """One yolo layer: boxes ``(N, A, H, W, 4)``, objectness ``(N, A, H, W)``, classes ``(..., C)``."""
+        n, _, h, w = out.shape
+        a = len(head["anchors"])
+        p = out.view(n, a, 5 + head["classes"], h, w).permute(0, 1, 3, 4, 2)  # (N, A, H, W, 5+C)
+        gy, gx = torch.meshgrid(torch.arange(h, dtype=out.dtype), torch.arange(w, dtype=out.dtype), indexing="ij")
+        anchors = torch.tensor(head["anchors"], dtype=out.dtype).view(1, a, 1, 1, 2)
+        cx = (torch.sigmoid(p[..., 0]) + gx) * (self.size / w)
+        cy = (torch.sigmoid(p[..., 1]) + gy) * (self.size / h)
+        bw = torch.exp(p[..., 2]) * anchors[..., 0]
+        bh = torch.exp(p[..., 3]) * anchors[..., 1]
+        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
+        return boxes, torch.sigmoid(p[..., 4]), torch.sigmoid(p[..., 5:])
 
 
 class YoloDetector(Detector):
@@ -177,19 +176,15 @@ class YoloDetector(Detector):
         super().__init__()
         self.net, self.max_boxes, self.score_threshold, self.nms_iou = net, max_boxes, score_threshold, nms_iou
 
-    def forward(self, images: torch.Tensor):
-        canvas = images.shape[-1]
-        x = F.interpolate(images, size=(self.net.size, self.net.size), mode="bilinear", align_corners=False)
+    def detections(self, image: torch.Tensor):
+        canvas = image.shape[-1]
+        x = F.interpolate(image[None], size=(self.net.size, self.net.size), mode="bilinear", align_corners=False)
         boxes, obj, cls = self.net.decode(self.net(x))
-        scores, labels = (obj.unsqueeze(-1) * cls).max(dim=-1)
-        boxes = boxes.clamp(0, self.net.size) * (canvas / self.net.size)
-        kept_b, kept_s = [], []
-        for b, s, lab in zip(boxes, scores, labels):
-            keep = torch.nonzero(s >= self.score_threshold).flatten()
-            keep = keep[batched_nms(b[keep], s[keep], lab[keep], self.nms_iou)]
-            kept_b.append(b[keep])
-            kept_s.append(s[keep])
-        return self.select(kept_b, kept_s)
+        scores, labels = (obj[0].unsqueeze(-1) * cls[0]).max(dim=-1)
+        boxes = (boxes[0] * (canvas / self.net.size)).clamp(0, canvas)
+        keep = torch.nonzero(scores >= self.score_threshold).flatten()
+        keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_iou)]  # sorted by score
+        return boxes[keep], scores[keep]
 
 
 def build_yolov3_tiny(cfg: DetectorConfig, image_size: int) -> YoloDetector:
