@@ -54,6 +54,9 @@ class OnnxRuntimeBackend:
                 raise BundleError(f"{self.bundle.root}: the bundle has no {graph} graph")
             opts = self._ort.SessionOptions()
             opts.log_severity_level = 3
+            # Graphs run one after another (detector -> encoder -> scorer), each in its own session:
+            # threads that spin after a run would starve the next session's threads.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self._threads:
                 opts.intra_op_num_threads = self._threads
             self._sessions[graph] = self._ort.InferenceSession(

@@ -36,8 +36,7 @@ class ImageFeatures:
         return len(self.fg_mask)
 
     def take(self, index) -> "ImageFeatures":
-        return ImageFeatures({k: np.asarray(v[index]) for k, v in self.blocks.items()},
-                             np.asarray(self.fg_mask[index]))
+        return ImageFeatures({k: v[index] for k, v in self.blocks.items()}, self.fg_mask[index])
 
 
 @dataclass
@@ -50,13 +49,14 @@ class TextFeatures:
         return len(next(iter(self.windows.values())))
 
     def take(self, index) -> "TextFeatures":
-        return TextFeatures({k: np.asarray(v[index]) for k, v in self.windows.items()})
+        return TextFeatures({k: v[index] for k, v in self.windows.items()})
 
 
 class Retriever:
-    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 16, chunk: int = 256):
+    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 16, max_pairs: int = 65536):
         self.bundle, self.backend = bundle, backend
-        self.batch_size, self.chunk = batch_size, chunk
+        #: images per encoder call; image x caption pairs per scorer call (bounds its memory)
+        self.batch_size, self.max_pairs = batch_size, max_pairs
         self.keys = bundle.keys
         m = bundle.model
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
@@ -103,19 +103,21 @@ class Retriever:
         n_img, n_cap = len(images), len(texts)
         fused = np.zeros((n_img, n_cap), np.float32)
         parts = {k: np.zeros((n_img, n_cap), np.float32) for k in self.keys} if per_key else None
-        img_chunk = max(1, self.chunk // 4)
+        cap_chunk = max(1, min(n_cap, self.max_pairs))
+        img_chunk = max(1, self.max_pairs // cap_chunk)
         for i in range(0, n_img, img_chunk):
             im = images.take(slice(i, i + img_chunk))
-            for c in range(0, n_cap, self.chunk):
-                tx = texts.take(slice(c, c + self.chunk))
-                feeds = {"fg_mask": im.fg_mask.astype(np.float32)}
-                feeds.update({f"blocks_{k}": im.blocks[k].astype(np.float32) for k in self.keys})
-                feeds.update({f"windows_{k}": tx.windows[k].astype(np.float32) for k in self.keys})
+            for c in range(0, n_cap, cap_chunk):
+                tx = texts.take(slice(c, c + cap_chunk))
+                f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
+                feeds = {"fg_mask": f32(im.fg_mask)}
+                feeds.update({f"blocks_{k}": f32(im.blocks[k]) for k in self.keys})
+                feeds.update({f"windows_{k}": f32(tx.windows[k]) for k in self.keys})
                 out = self.backend.run("scorer", feeds)
-                fused[i: i + img_chunk, c: c + self.chunk] = out[0]
+                fused[i: i + img_chunk, c: c + cap_chunk] = out[0]
                 if per_key:
                     for k, s in zip(self.keys, out[1:]):
-                        parts[k][i: i + img_chunk, c: c + self.chunk] = s
+                        parts[k][i: i + img_chunk, c: c + cap_chunk] = s
         return (fused, parts) if per_key else fused
 
 

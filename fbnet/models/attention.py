@@ -14,7 +14,7 @@ For image blocks ``v_k`` and text windows ``e_m`` (both l2-normalised), with cos
 The attended vectors are never built. Because the units are unit vectors,
 ``v_k . a_k = sum_m alpha_km s_km`` and ``||a_k||^2 = alpha_k^T G alpha_k`` with the caption's
 Gram matrix ``G = E E^T`` (M x M); likewise for ``b_m`` with the image's Gram matrix. Every
-pair then costs O(K M (M + K)) after one ``(I K d) x (C M d)`` product, with no Python loop per
+pair then costs O(K M (M + K)) after one ``(I K, d) x (d, C M)`` product, with no Python loop per
 pair and no ``(I, C, K, d)`` tensor. :func:`pairwise_reference` is the plain per-pair loop.
 """
 
@@ -39,15 +39,20 @@ def cross_attention(
     blocks, ``windows (C, M, d)`` unit vectors.
     """
     mask = block_mask.to(blocks.dtype)
-    sim = torch.einsum("ikd,cmd->ickm", blocks, windows)  # (I, C, K, M) cosines
+    n_img, k, d = blocks.shape
+    n_cap, m, _ = windows.shape
+    # Plain matmuls rather than einsum: exported graphs then use MatMul, which every runtime
+    # optimises (ONNX Runtime's CPU Einsum is several times slower for these shapes).
+    sim = torch.matmul(blocks.reshape(n_img * k, d), windows.reshape(n_cap * m, d).t())
+    sim = sim.reshape(n_img, k, n_cap, m).permute(0, 2, 1, 3)  # (I, C, K, M) cosines
     pos = F.relu(sim)
 
     # Image-grounded: every block attends over the windows (eq. 13).
     norm_k = pos / (pos.pow(2).sum(dim=2, keepdim=True).sqrt() + EPS)
     alpha = torch.softmax(delta1 * norm_k, dim=3)
     dot_i = (alpha * sim).sum(dim=3)  # v_k . a_k  (I, C, K)
-    gram_c = torch.einsum("cmd,cnd->cmn", windows, windows)
-    len_i = (torch.einsum("ickm,cmn->ickn", alpha, gram_c) * alpha).sum(dim=3).clamp(min=0).sqrt()
+    gram_c = torch.matmul(windows, windows.transpose(1, 2))  # (C, M, M)
+    len_i = (torch.matmul(alpha, gram_c) * alpha).sum(dim=3).clamp(min=0).sqrt()
     score_i = (dot_i / (len_i + EPS) * mask[:, None, :]).sum(dim=2) / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
     # Text-grounded: every window attends over the real blocks (eq. 14).
@@ -55,8 +60,10 @@ def cross_attention(
     logits = (delta2 * norm_m).masked_fill(mask[:, None, :, None] == 0, float("-inf"))
     beta = torch.softmax(logits, dim=2)
     dot_t = (beta * sim).sum(dim=2)  # e_m . b_m  (I, C, M)
-    gram_i = torch.einsum("ikd,ild->ikl", blocks, blocks)
-    len_t = (torch.einsum("ickm,ikl->iclm", beta, gram_i) * beta).sum(dim=2).clamp(min=0).sqrt()
+    gram_i = torch.bmm(blocks, blocks.transpose(1, 2))  # (I, K, K), symmetric
+    beta_k = beta.permute(0, 2, 1, 3).reshape(n_img, k, n_cap * m)  # one (K, K) x (K, C M) bmm per image
+    gram_beta = torch.bmm(gram_i, beta_k).reshape(n_img, k, n_cap, m).permute(0, 2, 1, 3)
+    len_t = (gram_beta * beta).sum(dim=2).clamp(min=0).sqrt()
     score_t = (dot_t / (len_t + EPS)).mean(dim=2)
     return score_i + score_t  # eq. (15)
 
