@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +57,3 @@ def load_checkpoint(path: str | Path) -> dict:
         )
     return data
 
-
-def python_info() -> str:
-    return f"Python {sys.version.split()[0]} on {platform.machine()}"

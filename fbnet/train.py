@@ -50,10 +50,6 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tc = cfg.train
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    torch.manual_seed(tc.seed)
     last = out / "last.pt"
     state = None
     if resume:
@@ -68,6 +64,9 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume or another --out")
     log_event(out, event="resume" if resume else "start", config=cfg.to_dict(), dataset=str(dataset.root))
     tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
 
     # 1-2. frozen stages and cached features
     n_box_classes = len(dataset.box_classes or [])

@@ -53,10 +53,11 @@ class TextFeatures:
 
 
 class Retriever:
-    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 16, max_pairs: int = 65536):
+    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 16, text_batch_size: int = 64,
+                 max_pairs: int = 65536):
         self.bundle, self.backend = bundle, backend
-        #: images per encoder call; image x caption pairs per scorer call (bounds its memory)
-        self.batch_size, self.max_pairs = batch_size, max_pairs
+        #: images / captions per encoder call; image x caption pairs per scorer call (bounds its memory)
+        self.batch_size, self.text_batch_size, self.max_pairs = batch_size, text_batch_size, max_pairs
         self.keys = bundle.keys
         m = bundle.model
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
@@ -89,10 +90,9 @@ class Retriever:
         for c in captions:
             if not tokenize(c):
                 raise QueryError(f"empty caption {c!r}: a caption needs at least one word")
-        parts = []
-        for start in range(0, len(captions), max(self.batch_size, 64)):
-            ids, lengths = self.bundle.vocab.encode_batch(captions[start: start + max(self.batch_size, 64)],
-                                                          self.max_words)
+        parts, step = [], self.text_batch_size
+        for start in range(0, len(captions), step):
+            ids, lengths = self.bundle.vocab.encode_batch(captions[start: start + step], self.max_words)
             outs = self.backend.run("text_encoder", {"ids": ids, "lengths": lengths})
             parts.append(TextFeatures(dict(zip(self.keys, outs))))
         return TextFeatures({k: np.concatenate([p.windows[k] for p in parts]) for k in self.keys})

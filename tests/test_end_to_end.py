@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
@@ -12,7 +11,7 @@ from fbnet.cli import main
 from fbnet.data.manifest import load_dataset
 from fbnet.evaluate import load_model
 from fbnet.metrics import retrieval_report
-from fbnet.models.fbnet import FBNet, Fusion, fuse
+from fbnet.models.fbnet import FBNet, fuse
 from fbnet.pipeline import Captions, build_frozen, score_split, split_features
 
 def _test_map(ckpt, model):
