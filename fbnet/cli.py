@@ -118,7 +118,16 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
     from .evaluate import evaluate, format_report
     from .train import train as run_train
 
-    if config is None and data_dir is None:
+    if resume:
+        # a resumed run keeps its own config and dataset (only --epochs may change)
+        from .checkpoint import load_checkpoint
+
+        if out is None:
+            raise click.UsageError("--resume needs --out, the run directory to continue")
+        state = load_checkpoint(out / "last.pt")
+        cfg = FBNetConfig.from_dict(state["config"], str(out / "last.pt"))
+        data_dir = data_dir or Path(state["data_root"])
+    elif config is None and data_dir is None:
         cfg = FBNetConfig.load(resources.files("fbnet") / "configs" / "synth.yaml")
     else:
         cfg = FBNetConfig.load(config) if config else FBNetConfig()

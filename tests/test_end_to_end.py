@@ -54,7 +54,7 @@ def test_resume_continues_an_interrupted_run(trained):
     args = ["train", "--data", str(trained / "data"), "--out", str(trained / "run")]
     res = runner.invoke(main, args)
     assert res.exit_code == 1 and "--resume" in res.output
-    res = runner.invoke(main, args + ["--resume", "--epochs", "7"])
+    res = runner.invoke(main, ["train", "--out", str(trained / "run"), "--resume", "--epochs", "7"])  # no --data
     assert res.exit_code == 0, res.output
     assert "resuming" in res.output and "epoch 7:" in res.output and "epoch 6:" not in res.output
     assert load_checkpoint(trained / "run" / "last.pt")["epoch"] == 7
