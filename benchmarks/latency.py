@@ -29,7 +29,7 @@ from fbnet.data.manifest import load_dataset
 from fbnet.evaluate import load_model
 from fbnet.export.bundle import export_bundle
 from fbnet.export.graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph
-from fbnet.pipeline import build_frozen
+from fbnet.pipeline import frozen_from_checkpoint
 from fbnet.preprocess import load_image
 from fbnet.runtime.backends import OnnxRuntimeBackend
 from fbnet.runtime.bundle import open_bundle
@@ -71,7 +71,7 @@ class TorchPipeline:
     def __init__(self, ckpt):
         cfg, model, self.vocab, fusion = load_model(ckpt)
         self.cfg = cfg
-        det, enc = build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
+        det, enc = frozen_from_checkpoint(cfg, ckpt)
         self.detector = DetectorGraph(det).eval() if det is not None else None
         self.image = ImageEncoderGraph(enc, model, cfg.model.detector.max_boxes).eval()
         self.text = TextEncoderGraph(model).eval()

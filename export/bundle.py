@@ -27,7 +27,7 @@ from fbnet.checkpoint import library_versions, load_checkpoint
 from fbnet.data.manifest import DatasetError, load_dataset
 from fbnet.evaluate import load_model
 from fbnet.models.detector import detect
-from fbnet.pipeline import build_frozen
+from fbnet.pipeline import frozen_from_checkpoint
 from fbnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image
 from fbnet.runtime.bundle import sha256
 from fbnet.windows import image_block_boxes
@@ -67,7 +67,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
     ckpt_path, out = Path(ckpt_path), Path(out)
     ckpt = load_checkpoint(ckpt_path)
     cfg, model, vocab, fusion = load_model(ckpt)
-    detector, encoder = build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
+    detector, encoder = frozen_from_checkpoint(cfg, ckpt)
     io = graph_io(model, cfg.model.detector.max_boxes)
     images, block_boxes, fg_mask, captions, source = sample_inputs(ckpt, cfg, detector)
     ids, lengths = (torch.from_numpy(a) for a in vocab.encode_batch(captions, cfg.data.max_words))

@@ -11,7 +11,7 @@ from .config import FBNetConfig
 from .data.manifest import load_dataset
 from .metrics import PR_LEVELS, RECALL_KS, chance_map, retrieval_report
 from .models.fbnet import FBNet, Fusion, fuse
-from .pipeline import Captions, build_frozen, score_split, split_features
+from .pipeline import Captions, frozen_from_checkpoint, score_split, split_features
 from .vocab import Vocabulary
 
 
@@ -32,7 +32,7 @@ def evaluate(ckpt_path: str | Path, split: str = "test", data: str | None = None
     cfg, model, vocab, fusion = load_model(ckpt)
     dataset = load_dataset(data or ckpt["data_root"])
     items = dataset.split(split)
-    detector, encoder = build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
+    detector, encoder = frozen_from_checkpoint(cfg, ckpt)
     feats = split_features(cfg, items, detector, encoder, ckpt_path.parent / "features", split)
     caps = Captions.from_items(items, vocab, cfg.data.max_words, dataset.has_labels)
     sims = score_split(model, feats, caps, cfg.train.eval_chunk)

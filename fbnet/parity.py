@@ -16,7 +16,7 @@ from .evaluate import load_model
 from .features import compute_features
 from .metrics import RECALL_KS, retrieval_report
 from .models.fbnet import fuse
-from .pipeline import Captions, build_frozen, score_split
+from .pipeline import Captions, frozen_from_checkpoint, score_split
 
 TOLERANCE = {False: 0.005, True: 0.01}
 
@@ -39,7 +39,7 @@ def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto
     cfg, model, vocab, fusion = load_model(ckpt)
     dataset = load_dataset(data or ckpt["data_root"])
     items = dataset.split(split)[:limit]
-    detector, encoder = build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
+    detector, encoder = frozen_from_checkpoint(cfg, ckpt)
     m = cfg.model
     feats = compute_features(items, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
                              max_boxes=m.detector.max_boxes, dtype=np.float32, desc=f"pytorch[{split}]")

@@ -42,6 +42,11 @@ def build_frozen(cfg: FBNetConfig, num_box_classes: int, detector_state=None, en
     return detector, encoder
 
 
+def frozen_from_checkpoint(cfg: FBNetConfig, ckpt: dict):
+    """The detector and block encoder saved in a checkpoint (see :func:`build_frozen`)."""
+    return build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
+
+
 def split_features(cfg: FBNetConfig, items: list[Item], detector, encoder, cache: Path,
                    split: str) -> SplitFeatures:
     m = cfg.model
