@@ -139,11 +139,11 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
     dataset = load_dataset(root)
     out = out or Path("runs") / dataset.name
     t0 = time.time()
-    best = run_train(cfg, dataset, out, resume=resume, echo=click.echo)
+    best, val_sims = run_train(cfg, dataset, out, resume=resume, echo=click.echo)
     split = "test" if "test" in dataset.splits else "val"
     if split == "val":
         click.echo("the dataset has no test split: reporting the validation split")
-    report = evaluate(best, split, data=str(root))
+    report = evaluate(best, split, data=str(root), sims=val_sims if split == "val" else None)
     click.echo(format_report(report))
     click.echo(f"checkpoint: {best}\nmetrics: {out / f'metrics-{split}.json'}  PR curve: {out / f'pr-{split}.png'}"
                f"\ntotal time {time.time() - t0:.0f}s")

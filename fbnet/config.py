@@ -23,6 +23,9 @@ class DataConfig:
     min_word_count: int = 1
     #: Optional word2vec binary or GloVe text file to initialise the 300-d word embeddings.
     word_vectors: str = ""
+    #: Directory of cached block features, shared by every run whose frozen stages match (the
+    #: cache is keyed by backbone, detector, levels and their weights); empty = ``<run>/features``.
+    feature_cache: str = ""
 
 
 @dataclass
@@ -94,6 +97,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 2.0
     seed: int = 0
+    #: Captions per image that the per-epoch validation scores (0 = all). Validation costs
+    #: images x captions cross-attention pairs; the fusion search and the final report use all.
+    val_captions: int = 0
     #: Pairs scored per chunk at evaluation (bounds memory).
     eval_chunk: int = 256
     #: Grid for the fusion weights alpha, beta, lambda (paper's sensitivity study).

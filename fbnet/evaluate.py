@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .atomic import atomic_write, atomic_write_text
 from .checkpoint import load_checkpoint
 from .config import FBNetConfig
 from .data.manifest import load_dataset
 from .metrics import PR_LEVELS, RECALL_KS, chance_map, retrieval_report
-from .models.fbnet import FBNet, Fusion, fuse
-from .pipeline import Captions, frozen_from_checkpoint, score_split, split_features
+from .models.fbnet import BRANCH_KEY, FBNet, Fusion, fuse
+from .pipeline import Captions, feature_cache, frozen_from_checkpoint, score_split, split_features
 from .vocab import Vocabulary
 
 
@@ -25,23 +27,29 @@ def load_model(ckpt: dict) -> tuple[FBNetConfig, FBNet, Vocabulary, Fusion]:
 
 
 def evaluate(ckpt_path: str | Path, split: str = "test", data: str | None = None,
-             out: str | Path | None = None) -> dict:
-    """Score ``split`` with the checkpoint and write ``metrics-<split>.json`` and a PR-curve PNG."""
+             out: str | Path | None = None, sims: dict | None = None) -> dict:
+    """Score ``split`` with the checkpoint and write ``metrics-<split>.json``, a PR-curve PNG and
+    ``scores-<split>.npz`` (the fused and the six per-branch-level similarity matrices, images x
+    captions). ``sims`` (per-key matrices the caller already has for this split) skips scoring."""
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     cfg, model, vocab, fusion = load_model(ckpt)
     dataset = load_dataset(data or ckpt["data_root"])
     items = dataset.split(split)
-    detector, encoder = frozen_from_checkpoint(cfg, ckpt)
-    feats = split_features(cfg, items, detector, encoder, ckpt_path.parent / "features", split)
     caps = Captions.from_items(items, vocab, cfg.data.max_words, dataset.has_labels)
-    sims = score_split(model, feats, caps, cfg.train.eval_chunk)
-    report = retrieval_report(fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
+    if sims is None:
+        detector, encoder = frozen_from_checkpoint(cfg, ckpt)
+        feats = split_features(cfg, items, detector, encoder, feature_cache(cfg, ckpt_path.parent), split)
+        sims = score_split(model, feats, caps, cfg.train.eval_chunk)
+    fused = fuse(sims, fusion)
+    report = retrieval_report(fused, caps.image, caps.image_labels, caps.labels)
     report["split"], report["checkpoint"] = split, str(ckpt_path)
     report["chance_map"] = chance_map(caps.image, caps.image_labels, caps.labels)
     report["fusion"] = vars(fusion)
     out = Path(out) if out else ckpt_path.parent
     atomic_write_text(out / f"metrics-{split}.json", json.dumps(report, indent=1))
+    atomic_write(out / f"scores-{split}.npz", lambda fh: np.savez(
+        fh, fused=fused, caption_image=caps.image, **{f"{BRANCH_KEY[b]}{u}": s for (b, u), s in sims.items()}))
     plot_pr(report, out / f"pr-{split}.png")
     return report
 

@@ -47,13 +47,20 @@ def frozen_from_checkpoint(cfg: FBNetConfig, ckpt: dict):
     return build_frozen(cfg, len(ckpt.get("box_classes") or []), ckpt["detector"], ckpt["encoder"])
 
 
+def feature_cache(cfg: FBNetConfig, run_dir: Path) -> Path:
+    """Where a run's block features are cached: ``data.feature_cache`` or ``<run>/features``."""
+    return Path(cfg.data.feature_cache) if cfg.data.feature_cache else Path(run_dir) / "features"
+
+
 def split_features(cfg: FBNetConfig, items: list[Item], detector, encoder, cache: Path,
                    split: str) -> SplitFeatures:
     m = cfg.model
     state = {k: v.sum().item() for k, v in encoder.state_dict().items() if v.is_floating_point()}
     if detector is not None:
         state["detector"] = sum(float(v.float().sum()) for v in detector.state_dict().values())
-    key = cache_key(items, {"model": cfg.to_dict()["model"], "weights": state})
+    # only what changes the features: the head (embed_dim, branches, attention) may differ
+    frozen = {k: v for k, v in cfg.to_dict()["model"].items() if k in ("backbone", "detector", "levels")}
+    key = cache_key(items, {"model": frozen, "weights": state})
     return extract_split(items, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
                          max_boxes=m.detector.max_boxes, cache=cache / split, key=key,
                          desc=f"features[{split}]")
@@ -76,6 +83,16 @@ class Captions:
         ids, lengths = vocab.encode_batch(texts, max_words)
         img_labels = np.array([it.label for it in items]) if labelled else None
         return cls(ids, lengths, owner, img_labels[owner] if labelled else None, img_labels)
+
+    def first_per_image(self, n: int) -> "Captions":
+        """The first ``n`` captions of every image (all when ``n`` is 0)."""
+        if n <= 0:
+            return self
+        starts = np.r_[0, np.flatnonzero(np.diff(self.image)) + 1]
+        rank = np.arange(len(self.image)) - np.repeat(starts, np.diff(np.r_[starts, len(self.image)]))
+        keep = rank < n
+        labels = self.labels[keep] if self.labels is not None else None
+        return Captions(self.ids[keep], self.lengths[keep], self.image[keep], labels, self.image_labels)
 
     def tensors(self, index):
         lengths = self.lengths[index]

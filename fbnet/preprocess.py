@@ -8,6 +8,7 @@ values are float32 in [0, 1], channels first. Mean/std normalisation happens ins
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,11 +21,13 @@ class ImageError(ValueError):
     """An image is missing, unreadable or too small; the message names the file."""
 
 
-def load_image(path: str | Path, size: int, min_side: int = 8) -> np.ndarray:
-    """Decode ``path`` to a float32 ``(3, size, size)`` array in [0, 1]."""
-    path = Path(path)
+def load_image(path: str | Path | BinaryIO, size: int, min_side: int = 8, name: str | None = None) -> np.ndarray:
+    """Decode ``path`` (a file name, or an open binary file such as an upload) to a float32
+    ``(3, size, size)`` array in [0, 1]; messages name ``name`` or the path."""
+    source = path if hasattr(path, "read") else Path(path)
+    path = name or str(source)
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             rgb = im.convert("RGB")
     except FileNotFoundError:

@@ -34,7 +34,7 @@ from .losses import pair_loss
 from .metrics import retrieval_report
 from .models.detector import finetune
 from .models.fbnet import FBNet, Fusion, fuse
-from .pipeline import Captions, build_frozen, score_split, split_features
+from .pipeline import Captions, build_frozen, feature_cache, score_split, split_features
 from .preprocess import load_image
 from .vocab import Vocabulary
 
@@ -45,8 +45,9 @@ def log_event(out: Path, **event) -> None:
 
 
 def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = False,
-          echo=print) -> Path:
-    """Train on ``dataset`` into ``out``; return the path of ``best.pt``."""
+          echo=print) -> tuple[Path, dict]:
+    """Train on ``dataset`` into ``out``; return the path of ``best.pt`` and the best model's
+    per-(branch, level) validation similarity matrices (so reporting on validation rescores nothing)."""
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     # 1-2. frozen stages and cached features
     n_box_classes = len(dataset.box_classes or [])
     detector, encoder = _frozen_stages(cfg, dataset, out, n_box_classes, echo)
-    feats = {s: split_features(cfg, dataset.split(s), detector, encoder, out / "features", s)
+    feats = {s: split_features(cfg, dataset.split(s), detector, encoder, feature_cache(cfg, out), s)
              for s in dataset.splits if s in ("train", "val", "test")}
     for needed in ("train", "val"):
         if needed not in feats:
@@ -127,7 +128,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             total += float(loss.detach())
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
                             pairs_s=f"{(step + 1) * tc.batch_size / (time.time() - t0):.0f}")
-        val = _val_report(model, feats["val"], caps["val"], Fusion(), tc.eval_chunk)
+        val = _val_report(model, feats["val"], caps["val"].first_per_image(tc.val_captions), Fusion(), tc.eval_chunk)
         val_map = val[val["primary"]]["map"]
         record = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map,
                   "val_rsum": val["instance"]["rsum"], "seconds": time.time() - t0}
@@ -135,7 +136,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         log_event(out, event="epoch", **record)
         improved = val_map > best
         best = max(best, val_map)
-        echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}"
+        echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}  R@sum {record['val_rsum']:.1f}"
              f"{'  (best)' if improved else ''}  [{record['seconds']:.0f}s]")
         payload = {**common, "model": model.state_dict(), "epoch": epoch + 1, "history": history,
                    "best": best, "fusion": vars(Fusion()), "val_metrics": _summary(val)}
@@ -151,7 +152,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     echo(f"fusion weights (val): alpha={fusion.alpha} beta={fusion.beta} lambda={fusion.lam}")
     save_checkpoint(out / "best.pt", {**best_ckpt, "fusion": vars(fusion), "val_metrics": _summary(val)})
     log_event(out, event="fusion", fusion=vars(fusion), val=_summary(val))
-    return out / "best.pt"
+    return out / "best.pt", val_sims
 
 
 def _frozen_stages(cfg, dataset, out, n_box_classes, echo):

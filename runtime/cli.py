@@ -5,8 +5,10 @@
     fbnet-serve-cli index --bundle B --images DIR --captions FILE --out GALLERY
     fbnet-serve-cli query.jpg [more.jpg ...] --bundle B --gallery G [--top-k 5] [--json]
     fbnet-serve-cli --text "a dog runs on grass" [--text ...] --bundle B --gallery G
+    fbnet-serve-cli serve --bundle B --gallery G [--host 127.0.0.1] [--port 8080]
 
-Several queries in one call are encoded and scored as one batch.
+Queries use two-stage search (:mod:`fbnet.runtime.search`; ``--exhaustive`` scores every item).
+``serve`` keeps the bundle and gallery loaded and answers HTTP + JSON (:mod:`fbnet.runtime.server`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import time
 import warnings
 
 import click
-import numpy as np
 
 from fbnet.preprocess import ImageError
 
@@ -25,6 +26,7 @@ from .backends import BACKENDS, BackendUnavailable, select_backend
 from .bundle import BundleError, open_bundle
 from .gallery import Gallery, GalleryError, build_gallery, list_images, read_captions
 from .retriever import QueryError, Retriever
+from .search import DEFAULT_SHORTLIST, Searcher, hits_json
 
 ERRORS = (BundleError, GalleryError, QueryError, ImageError, BackendUnavailable)
 
@@ -60,27 +62,29 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16):
 @click.option("--bundle", required=True, type=click.Path())
 @click.option("--gallery", required=True, type=click.Path())
 @click.option("--top-k", default=5, show_default=True)
+@click.option("--shortlist", default=DEFAULT_SHORTLIST, show_default=True,
+              help="two-stage search: re-rank this many first-stage candidates (0 = exhaustive)")
+@click.option("--exhaustive", is_flag=True, help="score every gallery item (same as --shortlist 0)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-def query_cmd(images, texts, bundle, gallery, top_k, as_json, backend):
+def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_json, backend):
     """Rank the gallery's captions for image queries, or its images for --text queries."""
     if not images and not texts:
         raise click.UsageError("give query images, or --text \"a caption\"")
     retriever = _retriever(bundle, backend)
     g = Gallery(gallery, retriever.bundle)
-    image_queries = retriever.encode_images(list(images)) if images else None
-    text_queries = retriever.encode_texts(list(texts)) if texts else None
+    if images and g.text_features is None:
+        raise GalleryError(f"{gallery}: has no captions to rank for an image query")
+    if texts and g.image_features is None:
+        raise GalleryError(f"{gallery}: has no images to rank for a text query")
+    searcher = Searcher(retriever, g.image_features, g.text_features, 0 if exhaustive else shortlist)
     results = []
-    if image_queries is not None:
-        if g.text_features is None:
-            raise GalleryError(f"{gallery}: has no captions to rank for an image query")
-        scores = retriever.score(image_queries, g.text_features)
-        results += _rank(images, "image", scores, g.captions, "caption", top_k)
-    if text_queries is not None:
-        if g.image_features is None:
-            raise GalleryError(f"{gallery}: has no images to rank for a text query")
-        scores = retriever.score(g.image_features, text_queries).T
-        results += _rank(texts, "text", scores, g.images, "image", top_k)
+    if images:
+        hits = searcher.texts_for(retriever.encode_images(list(images)), top_k)
+        results += [hits_json(q, "image", h, g.captions, "caption") for q, h in zip(images, hits)]
+    if texts:
+        hits = searcher.images_for(retriever.encode_texts(list(texts)), top_k)
+        results += [hits_json(q, "text", h, g.images, "image") for q, h in zip(texts, hits)]
     if as_json:
         click.echo(json.dumps({"backend": retriever.backend.name, "results": results}, indent=1))
         return
@@ -90,23 +94,46 @@ def query_cmd(images, texts, bundle, gallery, top_k, as_json, backend):
             click.echo(f"  {hit['rank']:2d}. {hit['score']:7.4f}  {hit[r['returns']]}")
 
 
-def _rank(queries, qtype, scores, gallery_items, returns, k):
-    out = []
-    for q, row in zip(queries, scores):
-        top = np.argsort(-row, kind="stable")[:k]
-        out.append({"query": str(q), "type": qtype, "returns": returns,
-                    "hits": [{"rank": r + 1, "score": float(row[i]), "index": int(i), returns: gallery_items[i]}
-                             for r, i in enumerate(top)]})
-    return out
+@click.command("serve")
+@click.option("--bundle", required=True, type=click.Path())
+@click.option("--gallery", required=True, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback by default)")
+@click.option("--port", default=8080, show_default=True, help="port (0: any free port)")
+@click.option("--shortlist", default=DEFAULT_SHORTLIST, show_default=True,
+              help="default two-stage re-ranking depth (0 = exhaustive); a request may override it")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="do not log each request")
+def serve_cmd(bundle, gallery, host, port, shortlist, backend, quiet):
+    """Serve text and image queries over HTTP + JSON from a warm process."""
+    from .server import SearchService, make_server
+
+    retriever = _retriever(bundle, backend)
+    service = SearchService(retriever, Gallery(gallery, retriever.bundle), shortlist)
+    # warm every session once, so the first real query pays no session creation
+    if service.gallery.images:
+        service.searcher.images_for(retriever.encode_texts(["warm up"]), 1)
+    server = make_server(service, host, port, quiet)
+    h, p = server.server_address[:2]
+    click.echo(f"serving {len(service.gallery.images)} images and {len(service.gallery.captions)} captions "
+               f"on http://{h}:{p} with {retriever.backend.name} (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+COMMANDS = {"index": index_cmd, "serve": serve_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = index_cmd if argv[:1] == ["index"] else query_cmd
-    args = argv[1:] if argv[:1] == ["index"] else argv
+    name = argv[0] if argv[:1] and argv[0] in COMMANDS else None
+    command, args = (COMMANDS[name], argv[1:]) if name else (query_cmd, argv)
     warnings.filterwarnings("ignore", module="onnxruntime")
     try:
-        return command.main(args, prog_name="fbnet-serve-cli" + (" index" if command is index_cmd else ""),
+        return command.main(args, prog_name="fbnet-serve-cli" + (f" {name}" if name else ""),
                             standalone_mode=False) or 0
     except ERRORS as exc:
         click.secho(f"Error: {exc}", fg="red", err=True)

@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,25 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def bundle(trained):
+    from fbnet.cli import main
+
+    out = trained / "bundle"
+    if not out.exists():
+        res = CliRunner().invoke(main, ["export", str(trained / "run" / "best.pt"), "--out", str(out), "--fp16"])
+        assert res.exit_code == 0, res.output
+        assert "engines not built" in res.output and "--engines-only" in res.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def gallery_inputs(trained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery_inputs")
+    items = [json.loads(line) for line in (trained / "data" / "manifest.jsonl").read_text().splitlines()]
+    test = [i for i in items if i["split"] == "test"][:12]
+    (root / "images").mkdir()
+    for it in test:
+        shutil.copy(trained / "data" / it["image"], root / "images")
+    (root / "captions.txt").write_text("".join(it["captions"][0] + "\n" for it in test))
+    return root

@@ -14,28 +14,6 @@ from click.testing import CliRunner
 from fbnet.cli import main as fbnet_main
 
 
-@pytest.fixture(scope="module")
-def bundle(trained):
-    out = trained / "bundle"
-    if not out.exists():
-        res = CliRunner().invoke(fbnet_main, ["export", str(trained / "run" / "best.pt"), "--out", str(out), "--fp16"])
-        assert res.exit_code == 0, res.output
-        assert "engines not built" in res.output and "--engines-only" in res.output
-    return out
-
-
-@pytest.fixture(scope="module")
-def gallery_inputs(trained, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gallery_inputs")
-    items = [json.loads(line) for line in (trained / "data" / "manifest.jsonl").read_text().splitlines()]
-    test = [i for i in items if i["split"] == "test"][:12]
-    (root / "images").mkdir()
-    for it in test:
-        shutil.copy(trained / "data" / it["image"], root / "images")
-    (root / "captions.txt").write_text("".join(it["captions"][0] + "\n" for it in test))
-    return root
-
-
 def serve(*args, block_torch=True):
     """Run fbnet-serve-cli in a fresh interpreter in which `import torch` fails."""
     code = textwrap.dedent(f"""

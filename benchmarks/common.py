@@ -1,0 +1,51 @@
+"""What the benchmark scripts share: timing, the machine's description, BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timeit(fn, repeats: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return {"median": statistics.median(times), "p95": times[min(len(times) - 1, int(0.95 * len(times)))]}
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace the section starting at ``heading`` in BENCHMARKS.md (or append it)."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\nEvery table here is written by a script in `benchmarks/`.\n\n"
+    start = text.find(heading)
+    if start >= 0:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)

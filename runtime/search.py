@@ -1,0 +1,150 @@
+"""Gallery search: exhaustive, or two-stage (a pooled first stage, then FB-Net's fused score).
+
+Exhaustive search scores the query against every gallery item with the scorer graph (eqs. 13-15
+for all six branch-level matrices, fused by eq. 7), so its cost grows with the gallery.
+
+Two-stage search:
+
+1. *First stage*: one pooled, unit-length embedding per image and per caption, ranked by inner
+   product over the whole gallery (one matrix product; FAISS ``IndexFlatIP`` when ``faiss`` is
+   installed, else numpy). The embedding is the level-1 block of the first branch (B-Net: the
+   whole image; F-Net: the mean of the box blocks) and the level-1 text window (the whole
+   caption). For ``K = M = 1`` eqs. (13)-(15) reduce to ``S_1 = 2 cos(v, e)``, so with B-Net the
+   first stage ranks exactly by the trained matrix ``S^B_1`` and needs no extra graph: the
+   gallery already stores these vectors.
+2. *Re-ranking*: the top ``shortlist`` items (default 100) are scored with the fused
+   cross-attention score; items outside the shortlist are not returned. When the shortlist
+   covers the gallery the result is exhaustive search's (a test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .retriever import ImageFeatures, Retriever, TextFeatures
+
+DEFAULT_SHORTLIST = 100
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _level1_key(keys: list[str]) -> str:
+    return "B1" if "B1" in keys else "F1"
+
+
+def pooled_images(feats: ImageFeatures) -> np.ndarray:
+    """First-stage image embeddings ``(N, d)``: the level-1 block(s) of the first branch, averaged
+    over real boxes for F-Net."""
+    key = _level1_key(list(feats.blocks))
+    blocks = np.asarray(feats.blocks[key], dtype=np.float32)
+    if key == "B1":
+        return _unit(blocks[:, 0])
+    mask = np.asarray(feats.fg_mask, dtype=np.float32)[:, :, None]
+    return _unit((blocks * mask).sum(axis=1))
+
+
+def pooled_texts(feats: TextFeatures) -> np.ndarray:
+    """First-stage caption embeddings ``(N, d)``: the level-1 text window (the whole caption)."""
+    return _unit(feats.windows[_level1_key(list(feats.windows))][:, 0])
+
+
+class FirstStage:
+    """Exact maximum-inner-product top-k over a gallery's pooled embeddings."""
+
+    def __init__(self, vectors: np.ndarray, use_faiss: bool | None = None):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.faiss = None
+        if use_faiss is not False:
+            try:
+                import faiss
+            except ImportError:
+                if use_faiss:
+                    raise
+            else:
+                self.faiss = faiss.IndexFlatIP(self.vectors.shape[1])
+                self.faiss.add(self.vectors)
+        self.backend = "faiss" if self.faiss is not None else "numpy"
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and indices ``(Q, k)`` of the ``k`` best items per query, best first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, len(self))
+        if self.faiss is not None:
+            return self.faiss.search(queries, k)
+        scores = queries @ self.vectors.T
+        if k < len(self):
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(len(self)), scores.shape)
+        top = np.take_along_axis(scores, part, axis=1)
+        order = np.lexsort((part, -top), axis=1)  # best first; ties by gallery order
+        return np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1)
+
+
+@dataclass
+class Hits:
+    """One query's result: gallery indices and fused scores, best first."""
+
+    index: np.ndarray
+    score: np.ndarray
+
+
+def _best(scores: np.ndarray, candidates: np.ndarray, top_k: int) -> Hits:
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    return Hits(candidates[order], scores[order])
+
+
+class Searcher:
+    """Searches a gallery's images for caption queries and its captions for image queries.
+
+    ``shortlist`` is the two-stage re-ranking depth K; ``shortlist=0`` searches exhaustively.
+    """
+
+    def __init__(self, retriever: Retriever, images: ImageFeatures | None, texts: TextFeatures | None,
+                 shortlist: int = DEFAULT_SHORTLIST, use_faiss: bool | None = None):
+        self.retriever, self.images, self.texts, self.shortlist = retriever, images, texts, shortlist
+        self.image_stage = FirstStage(pooled_images(images), use_faiss) if images is not None and len(images) else None
+        self.text_stage = FirstStage(pooled_texts(texts), use_faiss) if texts is not None and len(texts) else None
+
+    def images_for(self, queries: TextFeatures, top_k: int, shortlist: int | None = None) -> list[Hits]:
+        """Rank the gallery's images for each caption query."""
+        k = self.shortlist if shortlist is None else shortlist
+        if not k:
+            scores = self.retriever.score(self.images, queries).T
+            return [_best(row, np.arange(len(row)), top_k) for row in scores]
+        _, cand = self.image_stage.top(pooled_texts(queries), k)
+        out = []
+        for q, idx in enumerate(cand):
+            idx = np.sort(idx)  # ascending reads are kind to memory-mapped galleries
+            scores = self.retriever.score(self.images.take(idx), queries.take(slice(q, q + 1)))[:, 0]
+            out.append(_best(scores, idx, top_k))
+        return out
+
+    def texts_for(self, queries: ImageFeatures, top_k: int, shortlist: int | None = None) -> list[Hits]:
+        """Rank the gallery's captions for each image query."""
+        k = self.shortlist if shortlist is None else shortlist
+        if not k:
+            scores = self.retriever.score(queries, self.texts)
+            return [_best(row, np.arange(len(row)), top_k) for row in scores]
+        _, cand = self.text_stage.top(pooled_images(queries), k)
+        out = []
+        for q, idx in enumerate(cand):
+            idx = np.sort(idx)
+            scores = self.retriever.score(queries.take(slice(q, q + 1)), self.texts.take(idx))[0]
+            out.append(_best(scores, idx, top_k))
+        return out
+
+
+def hits_json(query: str, qtype: str, hits: Hits, items: list[str], returns: str) -> dict:
+    """A query's hits as JSON (what the CLI prints with --json and the server answers)."""
+    return {"query": str(query), "type": qtype, "returns": returns,
+            "hits": [{"rank": r + 1, "score": float(s), "index": int(i), returns: items[i]}
+                     for r, (i, s) in enumerate(zip(hits.index, hits.score))]}
