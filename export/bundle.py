@@ -41,13 +41,16 @@ FLOAT32_TOLERANCE = 1e-4
 
 
 def sample_inputs(ckpt: dict, cfg, detector, n: int = 3):
-    """Real canvases and captions from the checkpoint's dataset (test split), else synthetic ones."""
+    """Real canvases and captions from the checkpoint's dataset (its test split, or validation when
+    it has none, as Flickr8k here), else synthetic ones."""
     size = cfg.model.backbone.image_size
     try:
-        items = load_dataset(ckpt["data_root"]).split("test")[:n]
+        dataset = load_dataset(ckpt["data_root"])
+        split = "test" if "test" in dataset.splits else "val"
+        items = dataset.split(split)[:n]
         canvases = np.stack([load_image(it.image, size) for it in items])
         captions = [it.captions[0] for it in items] + [items[0].captions[-1]]
-        source = f"{len(items)} test images of {ckpt['data_root']}"
+        source = f"{len(items)} {split} images of {ckpt['data_root']}"
     except (DatasetError, OSError, KeyError):
         rng = np.random.default_rng(0)
         canvases = rng.random((n, 3, size, size), dtype=np.float32)

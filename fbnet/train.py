@@ -45,9 +45,11 @@ def log_event(out: Path, **event) -> None:
 
 
 def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = False,
-          echo=print) -> tuple[Path, dict]:
+          echo=print, choose_weights: bool = True) -> tuple[Path, dict | None]:
     """Train on ``dataset`` into ``out``; return the path of ``best.pt`` and the best model's
-    per-(branch, level) validation similarity matrices (so reporting on validation rescores nothing)."""
+    per-(branch, level) validation similarity matrices (so reporting on validation rescores nothing).
+    ``choose_weights=False`` stops after the epochs (no fusion search over the whole validation
+    split; ``best.pt`` keeps equal weights and no matrices are returned), for quick comparisons."""
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,8 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         save_checkpoint(last, {**payload, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
 
     # 4. fusion weights on validation, then the test split
+    if not choose_weights:
+        return out / "best.pt", None
     best_ckpt = load_checkpoint(out / "best.pt")
     model.load_state_dict(best_ckpt["model"])
     val_sims = score_split(model, feats["val"], caps["val"], tc.eval_chunk)

@@ -57,13 +57,18 @@ def list_images(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in exts)
 
 
+def gallery_meta(bundle: Bundle, images: list, captions: list[str], dtype: str) -> dict:
+    """What ``gallery.json`` records (with the counts added once the gallery is complete)."""
+    return {"kind": GALLERY_KIND, "bundle": bundle.fingerprint, "dtype": dtype,
+            "images": [str(p) for p in images], "captions": captions, "keys": bundle.keys}
+
+
 def build_gallery(retriever: Retriever, images: list[Path], captions: list[str], out: str | Path,
                   part_size: int = 64, dtype: str = "float32") -> Path:
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": GALLERY_KIND, "bundle": retriever.bundle.fingerprint, "dtype": dtype,
-            "images": [str(p) for p in images], "captions": captions, "keys": retriever.keys}
+    meta = gallery_meta(retriever.bundle, images, captions, dtype)
     plan = work / "plan.json"
     if plan.is_file() and json.loads(plan.read_text()) != meta:
         shutil.rmtree(work)  # a different request: start over

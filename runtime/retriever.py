@@ -54,10 +54,12 @@ class TextFeatures:
 
 class Retriever:
     def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 16, text_batch_size: int = 64,
-                 max_pairs: int = 65536):
+                 max_pairs: int = 4096, max_items: int = 2048):
         self.bundle, self.backend = bundle, backend
-        #: images / captions per encoder call; image x caption pairs per scorer call (bounds its memory)
-        self.batch_size, self.text_batch_size, self.max_pairs = batch_size, text_batch_size, max_pairs
+        #: images / captions per encoder call; image x caption pairs per scorer call and images or
+        #: captions per scorer call (together they bound its memory, whatever the gallery's size)
+        self.batch_size, self.text_batch_size = batch_size, text_batch_size
+        self.max_pairs, self.max_items = max_pairs, max_items
         self.keys = bundle.keys
         m = bundle.model
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
@@ -103,22 +105,28 @@ class Retriever:
         n_img, n_cap = len(images), len(texts)
         fused = np.zeros((n_img, n_cap), np.float32)
         parts = {k: np.zeros((n_img, n_cap), np.float32) for k in self.keys} if per_key else None
-        cap_chunk = max(1, min(n_cap, self.max_pairs))
-        img_chunk = max(1, self.max_pairs // cap_chunk)
-        for i in range(0, n_img, img_chunk):
-            im = images.take(slice(i, i + img_chunk))
-            for c in range(0, n_cap, cap_chunk):
-                tx = texts.take(slice(c, c + cap_chunk))
-                f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
-                feeds = {"fg_mask": f32(im.fg_mask)}
-                feeds.update({f"blocks_{k}": f32(im.blocks[k]) for k in self.keys})
-                feeds.update({f"windows_{k}": f32(tx.windows[k]) for k in self.keys})
-                out = self.backend.run("scorer", feeds)
-                fused[i: i + img_chunk, c: c + cap_chunk] = out[0]
-                if per_key:
-                    for k, s in zip(self.keys, out[1:]):
-                        parts[k][i: i + img_chunk, c: c + cap_chunk] = s
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
+        for isl, csl in pair_chunks(n_img, n_cap, self.max_pairs, self.max_items):
+            im, tx = images.take(isl), texts.take(csl)
+            feeds = {"fg_mask": f32(im.fg_mask)}
+            feeds.update({f"blocks_{k}": f32(im.blocks[k]) for k in self.keys})
+            feeds.update({f"windows_{k}": f32(tx.windows[k]) for k in self.keys})
+            out = self.backend.run("scorer", feeds)
+            fused[isl, csl] = out[0]
+            if per_key:
+                for k, s in zip(self.keys, out[1:]):
+                    parts[k][isl, csl] = s
         return (fused, parts) if per_key else fused
+
+
+def pair_chunks(n_img: int, n_cap: int, max_pairs: int, max_items: int):
+    """``(image slice, caption slice)`` blocks that tile ``n_img x n_cap`` with at most ``max_pairs``
+    pairs and ``max_items`` images or captions each (what bounds the scorer's memory)."""
+    cap_chunk = max(1, min(n_cap, max_pairs, max_items))
+    img_chunk = max(1, min(max_pairs // cap_chunk, max_items))
+    for i in range(0, n_img, img_chunk):
+        for c in range(0, n_cap, cap_chunk):
+            yield slice(i, min(i + img_chunk, n_img)), slice(c, min(c + cap_chunk, n_cap))
 
 
 def concat_images(parts: list[ImageFeatures]) -> ImageFeatures:

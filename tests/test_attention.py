@@ -22,3 +22,32 @@ def test_identical_units_score_the_maximum():
     v = F.normalize(torch.randn(1, 3, 8), dim=-1)
     s = cross_attention(v, torch.ones(1, 3), v.clone(), 50.0, 50.0)
     assert s.item() > 1.9  # S^i + S^t <= 2
+
+
+def test_dropping_padding_box_slots_changes_no_similarity():
+    """SplitFeatures.tensors drops box slots past the batch's largest box count: exact, because
+    masked blocks never enter eqs. 13-15."""
+    import numpy as np
+
+    from fbnet.config import ModelConfig
+    from fbnet.features import SplitFeatures
+    from fbnet.models.fbnet import FBNet
+
+    rng = np.random.default_rng(0)
+    n, j, b, c = 6, 9, 14, 32
+    mask = np.arange(j)[None, :] < np.array([1, 3, 2, 4, 1, 2])[:, None]  # real boxes first; at most 4
+    feats = SplitFeatures(rng.normal(size=(n, b, c)).astype(np.float16), rng.normal(size=(n, j, b, c)).astype(np.float16),
+                          mask, np.zeros((n, j, 4), np.float32))
+    bg, fg, m = feats.tensors(np.arange(n))
+    assert fg.shape[1] == 4 and m.shape == (n, 4)
+    torch.manual_seed(0)
+    model = FBNet(ModelConfig(embed_dim=16), vocab_size=20, feature_dim=c).eval()
+    ids, lengths = torch.randint(1, 20, (5, 7)), torch.tensor([7, 3, 5, 1, 6])
+    with torch.no_grad():
+        texts = model.encode_texts(ids, lengths)
+        full = model.similarities(model.encode_images(torch.from_numpy(feats.background).float(),
+                                                      torch.from_numpy(feats.foreground).float(),
+                                                      torch.from_numpy(mask)), texts)
+        trimmed = model.similarities(model.encode_images(bg, fg, m), texts)
+    for key in full:
+        assert torch.allclose(full[key], trimmed[key], atol=1e-5), key

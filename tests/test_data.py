@@ -180,3 +180,15 @@ def test_convert_karpathy_and_coco(tmp_path):
     (tmp_path / "captions_train2014.json").write_text(json.dumps(coco))
     ds = convert.coco(tmp_path / "captions_train2014.json", tmp_path / "c", images=tmp_path / "imgs")
     assert len(ds.items) == 2 and ds.items[1].captions == ["two dogs play"]
+
+
+def test_first_captions_per_image_for_cheap_validation():
+    import numpy as np
+
+    from fbnet.pipeline import Captions
+
+    caps = Captions(np.arange(14).reshape(7, 2), np.full(7, 2), np.array([0, 0, 0, 1, 1, 2, 2]), None, None)
+    assert caps.first_per_image(0) is caps
+    one = caps.first_per_image(1)
+    assert one.image.tolist() == [0, 1, 2] and one.ids[:, 0].tolist() == [0, 6, 10]
+    assert caps.first_per_image(2).image.tolist() == [0, 0, 1, 1, 2, 2]

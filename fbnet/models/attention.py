@@ -26,6 +26,11 @@ import torch.nn.functional as F
 EPS = 1e-8
 
 
+def l2norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x / (||x||_2 + eps)`` along ``dim``, as SCAN's ``l2norm`` (a column of zeros stays zero)."""
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + EPS)
+
+
 def cross_attention(
     blocks: torch.Tensor,
     block_mask: torch.Tensor,
@@ -48,16 +53,14 @@ def cross_attention(
     pos = F.relu(sim)
 
     # Image-grounded: every block attends over the windows (eq. 13).
-    norm_k = pos / (pos.pow(2).sum(dim=2, keepdim=True).sqrt() + EPS)
-    alpha = torch.softmax(delta1 * norm_k, dim=3)
+    alpha = torch.softmax(delta1 * l2norm(pos, dim=2), dim=3)
     dot_i = (alpha * sim).sum(dim=3)  # v_k . a_k  (I, C, K)
     gram_c = torch.matmul(windows, windows.transpose(1, 2))  # (C, M, M)
     len_i = (torch.matmul(alpha, gram_c) * alpha).sum(dim=3).clamp(min=0).sqrt()
     score_i = (dot_i / (len_i + EPS) * mask[:, None, :]).sum(dim=2) / mask.sum(dim=1, keepdim=True).clamp(min=1)
 
     # Text-grounded: every window attends over the real blocks (eq. 14).
-    norm_m = pos / (pos.pow(2).sum(dim=3, keepdim=True).sqrt() + EPS)
-    logits = (delta2 * norm_m).masked_fill(mask[:, None, :, None] == 0, float("-inf"))
+    logits = (delta2 * l2norm(pos, dim=3)).masked_fill(mask[:, None, :, None] == 0, float("-inf"))
     beta = torch.softmax(logits, dim=2)
     dot_t = (beta * sim).sum(dim=2)  # e_m . b_m  (I, C, M)
     gram_i = torch.bmm(blocks, blocks.transpose(1, 2))  # (I, K, K), symmetric
@@ -77,8 +80,8 @@ def pairwise_reference(blocks, block_mask, windows, delta1: float, delta2: float
         for c in range(windows.shape[0]):
             e = windows[c]
             s = v @ e.T  # (K, M)
-            a = torch.softmax(delta1 * F.normalize(F.relu(s), dim=0, eps=EPS), dim=1) @ e
-            b = torch.softmax(delta2 * F.normalize(F.relu(s), dim=1, eps=EPS), dim=0).T @ v
+            a = torch.softmax(delta1 * l2norm(F.relu(s), dim=0), dim=1) @ e
+            b = torch.softmax(delta2 * l2norm(F.relu(s), dim=1), dim=0).T @ v
             out[i, c] = F.cosine_similarity(v, a, dim=1, eps=EPS).mean() + \
                 F.cosine_similarity(e, b, dim=1, eps=EPS).mean()
     return out

@@ -1,0 +1,429 @@
+"""Retrieval at gallery scale: scorer throughput, warm query latency (exhaustive vs two-stage) at
+1k / 10k / 100k items, two-stage quality on Flickr8k dev, float16 galleries, cold start vs a warm
+server. One run, one machine; medians and ratios.
+
+    python benchmarks/retrieval.py --checkpoint runs/flickr8k/best.pt
+
+The checkpoint's run must hold ``scores-val.npz`` (written by ``fbnet train`` on a dataset without
+a test split, or ``fbnet evaluate --split val``); the bundle is exported beside the checkpoint
+when missing. Writes five sections of BENCHMARKS.md.
+
+* Scorer: FB-Net's six similarity matrices plus fusion for random unit-length features of the
+  bundle's shapes: the batched scorer (PyTorch and ``scorer.onnx`` on ONNX Runtime) against
+  ``caption_by_caption``, the loop of SCAN's reference evaluation (``xattn_score_t2i``: one
+  caption at a time against a shard of images, attended vectors built explicitly), same maths,
+  same inputs.
+* Latency: a warm process (what ``fbnet-serve-cli serve`` runs) answering a text query and an
+  image query (a real Flickr8k dev image: decode, detector, image encoder, search). Galleries are
+  synthetic float16 features of the bundle's shapes; past 10,000 items only the first-stage
+  vectors and box masks are random and the blocks are zeros of a sparse file (the 100k-image
+  gallery would be 14 GB), which changes no arithmetic the scorer does.
+* Quality: two-stage search simulated exactly from the exhaustive score matrices (its first stage
+  is the trained ``S^B_1``, its second the fused score), and measured through the runtime on the
+  dev gallery with float32 and float16 storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fbnet.checkpoint import load_checkpoint
+from fbnet.data.manifest import load_dataset
+from fbnet.evaluate import load_model
+from fbnet.export.bundle import export_bundle
+from fbnet.export.graphs import ScorerGraph
+from fbnet.metrics import RECALL_KS, recall_at_k
+from fbnet.models.attention import EPS, l2norm
+from fbnet.runtime.backends import OnnxRuntimeBackend
+from fbnet.runtime.bundle import open_bundle
+from fbnet.runtime.gallery import Gallery, build_gallery, gallery_meta
+from fbnet.runtime.retriever import ImageFeatures, Retriever, TextFeatures, pair_chunks
+from fbnet.runtime.search import Searcher
+
+from common import ROOT, machine, timeit, write_section
+
+
+# -- shapes and synthetic features ---------------------------------------------------------------
+def key_shapes(bundle) -> dict[str, tuple[int, int]]:
+    """(blocks K, windows M) per key, e.g. F3 -> (J * 9, 9)."""
+    j = bundle.model["max_boxes"]
+    return {k: ((1 if k[0] == "B" else j) * int(k[1]) ** 2, int(k[1]) ** 2) for k in bundle.keys}
+
+
+def unit(rng, *shape) -> np.ndarray:
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def box_mask(rng, n: int, j: int) -> np.ndarray:
+    counts = rng.integers(1, j + 1, n)
+    return (np.arange(j)[None, :] < counts[:, None]).astype(np.float32)
+
+
+def synthetic(bundle, n_img: int, n_cap: int, seed: int = 0) -> tuple[ImageFeatures, TextFeatures]:
+    rng, d, shapes = np.random.default_rng(seed), bundle.model["embed_dim"], key_shapes(bundle)
+    mask = box_mask(rng, n_img, bundle.model["max_boxes"])
+    blocks = {}
+    for k, (kk, _) in shapes.items():
+        b = unit(rng, n_img, kk, d)
+        if k[0] == "F":  # zero the blocks of absent boxes, as the image encoder does
+            b *= np.repeat(mask, kk // bundle.model["max_boxes"], axis=1)[:, :, None]
+        blocks[k] = b
+    return ImageFeatures(blocks, mask), TextFeatures({k: unit(rng, n_cap, m, d) for k, (_, m) in shapes.items()})
+
+
+# -- scorer throughput ----------------------------------------------------------------------------
+def caption_by_caption(blocks, mask, windows, delta1: float, delta2: float, shard: int = 128) -> torch.Tensor:
+    """SCAN's reference evaluation loop (eqs. 13-15): shards of images, then one caption at a time
+    against the shard, with the attended vectors built explicitly."""
+    n_img, n_cap = blocks.shape[0], windows.shape[0]
+    out = torch.zeros(n_img, n_cap)
+    for s in range(0, n_img, shard):
+        v, m = blocks[s: s + shard], mask[s: s + shard]
+        for c in range(n_cap):
+            e = windows[c].expand(v.shape[0], -1, -1)  # (n, M, d)
+            sim = torch.bmm(v, e.transpose(1, 2))  # (n, K, M)
+            pos = F.relu(sim)
+            alpha = torch.softmax(delta1 * l2norm(pos, dim=1), dim=2)
+            a = torch.bmm(alpha, e)  # attended text per block (n, K, d)
+            s_i = (F.cosine_similarity(v, a, dim=2, eps=EPS) * m).sum(1) / m.sum(1).clamp(min=1)
+            logits = (delta2 * l2norm(pos, dim=2)).masked_fill(m[:, :, None] == 0, float("-inf"))
+            b = torch.bmm(torch.softmax(logits, dim=1).transpose(1, 2), v)  # attended image per window (n, M, d)
+            s_t = F.cosine_similarity(e, b, dim=2, eps=EPS).mean(1)
+            out[s: s + shard, c] = s_i + s_t
+    return out
+
+
+def flops_per_pair(shapes: dict, d: int) -> int:
+    """Multiply-adds x 2 of eqs. (13)-(15) per pair: cosines 2KMd, attention norms, softmaxes and
+    weighted sums about 25KM, attended lengths through the Gram matrices 2KM(M + K)."""
+    return int(sum(2 * k * m * d + 25 * k * m + 2 * k * m * (m + k) for k, m in shapes.values()))
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = timeit(lambda: a @ b, repeats, 2)["median"] / 1000
+    return 2 * n ** 3 / t / 1e9
+
+
+def scorer_section(bundle, model, fusion, retriever, repeats: int) -> str:
+    shapes, d = key_shapes(bundle), bundle.model["embed_dim"]
+    images, texts = synthetic(bundle, 1000, 200)
+    graph = ScorerGraph(model, fusion).eval()
+    keys = model.keys  # (branch, level) in bundle key order
+    names = bundle.keys
+
+    def torch_scorer(n_cap):  # the exported module, chunked as the runtime chunks
+        out = torch.zeros(len(images), n_cap)
+        for isl, csl in pair_chunks(len(images), n_cap, retriever.max_pairs, retriever.max_items):
+            feeds = [torch.from_numpy(images.fg_mask[isl])] + [torch.from_numpy(images.blocks[k][isl]) for k in names] \
+                + [torch.from_numpy(texts.windows[k][csl]) for k in names]
+            with torch.no_grad():
+                out[isl, csl] = graph(*feeds)[0]
+        return out
+
+    def baseline(n_cap):
+        fused = torch.zeros(len(images), n_cap)
+        for name, (branch, level) in zip(names, keys):
+            blocks = torch.from_numpy(images.blocks[name])
+            mask = (torch.ones(blocks.shape[:2]) if branch == "background" else
+                    torch.from_numpy(images.fg_mask).repeat_interleave(level * level, dim=1))
+            with torch.no_grad():
+                s = caption_by_caption(blocks, mask, torch.from_numpy(texts.windows[name][:n_cap]),
+                                       model.cfg.delta1, model.cfg.delta2)
+            fused += fusion.weight(branch, level) * s
+        return fused
+
+    small = 20
+    ref, ours = baseline(small), torch_scorer(small)
+    max_diff = float((ref - ours).abs().max())
+    assert max_diff < 1e-3, max_diff  # float32 rounding of two formulations of the same sums
+    rows = []
+    t_base = timeit(lambda: baseline(small), 3, 0)["median"] / 1000
+    rate_base = 1000 * small / t_base
+    rows.append(("caption by caption (SCAN's evaluation loop), PyTorch", 1000 * small, t_base, rate_base))
+    for label, fn in (("batched, PyTorch", torch_scorer),
+                      ("batched, scorer.onnx on ONNX Runtime", lambda n: retriever.score(images, texts.take(slice(0, n))))):
+        for n_cap in (small, 200):
+            t = timeit(lambda: fn(n_cap), 3, 1)["median"] / 1000
+            rows.append((label, 1000 * n_cap, t, 1000 * n_cap / t))
+    flops, gflops = flops_per_pair(shapes, d), matmul_gflops()
+    lines = [
+        "## Scorer throughput",
+        "",
+        f"Machine: {machine()}. No GPU was lent to this run, so no CUDA or TensorRT rows.",
+        f"Inputs: random unit-length features of the bundle's shapes (d = {d}, J = {bundle.model['max_boxes']} "
+        f"boxes, levels 1-3: blocks per key {', '.join(f'{k} {s[0]}' for k, s in shapes.items())}; "
+        "windows 1, 4, 9), 1,000 images x 20 or 200 captions, fused by the bundle's weights. "
+        f"The baseline is checked against the batched scorer before timing (largest fused-score difference {max_diff:.1e}, "
+        "float32 rounding).",
+        "Regenerate: `python benchmarks/retrieval.py --checkpoint runs/flickr8k/best.pt`.",
+        "",
+        "| scorer | pairs | median s | pairs/s | vs baseline |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for label, pairs, t, rate in rows:
+        lines.append(f"| {label} | {pairs:,} | {t:.3f} | {rate:,.0f} | {rate / rate_base:.1f}x |")
+    best = max(r[3] for r in rows)
+    lines += ["", f"FLOPs per pair (six matrices, padded to J boxes): {flops / 1e6:.2f} M, of which the "
+              f"cosine products are {sum(2 * k * m * d for k, m in shapes.values()) / flops:.0%}. "
+              f"Measured float32 matrix-multiply rate on this machine (2048^3, torch): {gflops:.0f} GFLOP/s, "
+              f"so the ceiling is about {gflops * 1e9 / flops:,.0f} pairs/s; the fastest scorer here reaches "
+              f"{best:,.0f} pairs/s ({best * flops / 1e9:.1f} GFLOP/s, {best * flops / 1e9 / gflops:.0%} of it). "
+              "The rest of the time goes to the element-wise attention steps (norms, softmaxes), "
+              "which are memory-bound.", ""]
+    return "\n".join(lines)
+
+
+# -- synthetic galleries and warm latency ---------------------------------------------------------
+def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dtype="float16") -> Gallery:
+    """A gallery of ``n`` images and ``n`` captions with the bundle's shapes (see the module doc)."""
+    out = root / f"synthetic-{n}"
+    meta = {**gallery_meta(bundle, [f"synthetic/{i:06d}.jpg" for i in range(n)],
+                           [f"synthetic caption {i}" for i in range(n)], dtype), "n_images": n, "n_captions": n}
+    if (out / "gallery.json").is_file() and json.loads((out / "gallery.json").read_text()) == meta:
+        return Gallery(out, bundle)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    (out / "texts").mkdir()
+    rng, d, shapes = np.random.default_rng(1), bundle.model["embed_dim"], key_shapes(bundle)
+    j = bundle.model["max_boxes"]
+    np.save(out / "images" / "fg_mask.npy", box_mask(rng, n, j))
+    for side, which in (("images", 0), ("texts", 1)):
+        for k, s in shapes.items():
+            arr = np.lib.format.open_memmap(out / side / f"{k}.npy", mode="w+", dtype=dtype, shape=(n, s[which], d))
+            for start in range(0, min(n, random_rows), 1000):
+                stop = min(start + 1000, n, random_rows)
+                arr[start:stop] = unit(rng, stop - start, s[which], d)
+            if k in ("B1", "F1"):  # first-stage vectors are random for every row
+                for start in range(random_rows, n, 10_000):
+                    arr[start: start + 10_000] = unit(rng, min(10_000, n - start), s[which], d)
+            arr.flush()
+            del arr
+    (out / "gallery.json").write_text(json.dumps(meta))
+    return Gallery(out, bundle)
+
+
+def latency_section(bundle, retriever, image_path: Path, work: Path, sizes, repeats: int, shortlist: int) -> str:
+    text = "a black dog is running through the grass"
+    lines = [
+        "## Query latency at gallery scale",
+        "",
+        f"Machine: {machine()}; ONNX Runtime on the CPU, one warm process (the same `Searcher` that "
+        "`fbnet-serve-cli serve` runs). Each query is encoded (text encoder; or decode, detector and "
+        "image encoder for the image query, a Flickr8k dev photo) and searched. Galleries: synthetic "
+        f"float16 features of the bundle's shapes (see the script's docstring); two-stage re-ranks K = {shortlist}.",
+        "",
+        "| gallery items | query | search | p50 ms | p95 ms | runs |",
+        "| ---: | --- | --- | ---: | ---: | ---: |",
+    ]
+    enc = {"text": timeit(lambda: retriever.encode_texts([text]), repeats, 3),
+           "image": timeit(lambda: retriever.encode_images([image_path]), repeats, 3)}
+    for n in sizes:
+        g = synthetic_gallery(bundle, n, work)
+        searcher = Searcher(retriever, g.image_features, g.text_features, shortlist)
+        for mode, k in (("two-stage", shortlist), ("exhaustive", 0)):
+            runs = repeats if mode == "two-stage" else max(3, repeats // (10 * max(1, n // 1000)))
+            for qtype, fn in (("text", lambda: searcher.images_for(retriever.encode_texts([text]), 10, k)),
+                              ("image", lambda: searcher.texts_for(retriever.encode_images([image_path]), 10, k))):
+                t = timeit(fn, runs, 1)
+                lines.append(f"| {n:,} | {qtype} | {mode} | {t['median']:.1f} | {t['p95']:.1f} | {runs} |")
+    lines += ["", f"Query encoding alone: text {enc['text']['median']:.1f} ms, image {enc['image']['median']:.1f} ms "
+              "(p50); the rest of each row is search. First-stage search uses "
+              f"{'FAISS' if _has_faiss() else 'numpy'}.", ""]
+    return "\n".join(lines)
+
+
+def _has_faiss() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+# -- two-stage quality and float16 storage --------------------------------------------------------
+def two_stage_recall(first: np.ndarray, exact: np.ndarray, relevant: np.ndarray, k: int) -> tuple[dict, float]:
+    """R@K (rows are queries) of re-ranking each row's top-``k`` first-stage items by ``exact``,
+    and the fraction of exhaustive search's top-10 that it recovers."""
+    cand = np.argpartition(-first, k - 1, axis=1)[:, :k] if k < first.shape[1] else None
+    scores = exact
+    if cand is not None:
+        scores = np.full_like(exact, -np.inf)
+        np.put_along_axis(scores, cand, np.take_along_axis(exact, cand, axis=1), axis=1)
+    top_exact = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+    top_two = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    recovered = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_exact, top_two)])
+    return recall_at_k(scores, relevant), float(recovered)
+
+
+def quality_section(scores_path: Path) -> str:
+    z = np.load(scores_path)
+    fused, first, owner = z["fused"], z["B1"], z["caption_image"]
+    relevant = owner[None, :] == np.arange(fused.shape[0])[:, None]
+    lines = [
+        "## Two-stage quality (Flickr8k dev)",
+        "",
+        f"From `{scores_path.relative_to(ROOT) if scores_path.is_relative_to(ROOT) else scores_path}` "
+        f"({fused.shape[0]:,} dev images x {fused.shape[1]:,} captions): the exhaustive fused scores and the "
+        "first stage's `S^B_1` (= 2 cos of the pooled vectors; a test checks the identity). Two-stage "
+        "re-ranks each query's top K first-stage items by the fused score, exactly as the runtime does.",
+        "",
+        "| search | K | image->text R@1 / R@5 / R@10 | text->image R@1 / R@5 / R@10 | R@sum | top-10 recovered i2t / t2i |",
+        "| --- | ---: | --- | --- | ---: | --- |",
+    ]
+    rows = [("exhaustive (fused)", "all", fused), ("first stage only", "-", first)]
+    for label, k, s in rows:
+        r_i, r_t = recall_at_k(s, relevant), recall_at_k(s.T, relevant.T)
+        rsum = 100 * sum(r_i.values()) + 100 * sum(r_t.values())
+        lines.append(f"| {label} | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
+                     f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | |")
+    for k in (10, 50, 100, 200):
+        r_i, rec_i = two_stage_recall(first, fused, relevant, k)
+        r_t, rec_t = two_stage_recall(first.T, fused.T, relevant.T, k)
+        rsum = 100 * sum(r_i.values()) + 100 * sum(r_t.values())
+        lines.append(f"| two-stage | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
+                     f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | {rec_i:.3f} / {rec_t:.3f} |")
+    return "\n".join(lines + [""])
+
+
+def runtime_recall(retriever, gallery: Gallery, owner: np.ndarray, shortlist: int) -> dict:
+    """R@1/5/10 of the runtime's two-stage search with every dev image and caption as a query."""
+    searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist)
+    i2t = searcher.texts_for(gallery.image_features.take(slice(None)), 10)
+    t2i = searcher.images_for(gallery.text_features.take(slice(None)), 10)
+    out = {}
+    for x in RECALL_KS:
+        out[f"i2t r@{x}"] = 100 * np.mean([(owner[h.index[:x]] == i).any() for i, h in enumerate(i2t)])
+        out[f"t2i r@{x}"] = 100 * np.mean([(h.index[:x] == owner[c]).any() for c, h in enumerate(t2i)])
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def storage_section(bundle, retriever, dataset, work: Path, shortlist: int) -> str:
+    items = dataset.split("val")
+    images = [it.image for it in items]
+    captions = [c for it in items for c in it.captions]
+    owner = np.array([i for i, it in enumerate(items) for _ in it.captions])
+    g32 = work / "dev-float32"
+    if not (g32 / "gallery.json").is_file():
+        build_gallery(retriever, images, captions, g32)
+    g16 = work / "dev-float16"
+    if not (g16 / "gallery.json").is_file():  # the same features rounded to float16, as `index --float16` stores them
+        shutil.rmtree(g16, ignore_errors=True)
+        shutil.copytree(g32, g16)
+        for f in list((g16 / "images").glob("*.npy")) + list((g16 / "texts").glob("*.npy")):
+            if f.name != "fg_mask.npy":
+                np.save(f, np.load(f).astype(np.float16))
+        meta = json.loads((g16 / "gallery.json").read_text())
+        (g16 / "gallery.json").write_text(json.dumps({**meta, "dtype": "float16"}))
+    shapes, d, j = key_shapes(bundle), bundle.model["embed_dim"], bundle.model["max_boxes"]
+    lines = [
+        "## Gallery storage: float32 vs float16",
+        "",
+        f"Bytes per item for the bundle's shapes (d = {d}, J = {j}), and R@K of the runtime's two-stage "
+        f"search (K = {shortlist}, ONNX Runtime) over the Flickr8k dev gallery ({len(images):,} images, "
+        f"{len(captions):,} captions; every image and caption is a query) stored each way.",
+        "",
+        "| storage | bytes per image | bytes per caption | i2t R@1 / R@5 / R@10 | t2i R@1 / R@5 / R@10 | R@sum |",
+        "| --- | ---: | ---: | --- | --- | ---: |",
+    ]
+    for label, root, size in (("float32", g32, 4), ("float16", g16, 2)):
+        r = runtime_recall(retriever, Gallery(root, bundle), owner, shortlist)
+        per_image = sum(s[0] for s in shapes.values()) * d * size + 4 * j
+        per_caption = sum(s[1] for s in shapes.values()) * d * size
+        i2t = " / ".join(f"{r['i2t r@%d' % x]:.1f}" for x in RECALL_KS)
+        t2i = " / ".join(f"{r['t2i r@%d' % x]:.1f}" for x in RECALL_KS)
+        lines.append(f"| {label} | {per_image:,} | {per_caption:,} | {i2t} | {t2i} | {r['rsum']:.1f} |")
+    return "\n".join(lines + [""])
+
+
+# -- cold start vs warm server --------------------------------------------------------------------
+def coldstart_section(bundle_dir: Path, gallery_dir: Path, image_path: Path, repeats: int) -> str:
+    cli = [sys.executable, "-m", "fbnet.runtime.cli"]
+    text = "a black dog is running through the grass"
+    cold = {q: timeit(lambda a=args: subprocess.run(cli + a + ["--bundle", str(bundle_dir), "--gallery", str(gallery_dir)],
+                                                    check=True, capture_output=True), max(3, repeats // 6), 0)
+            for q, args in (("text", ["--text", text]), ("image", [str(image_path)]))}
+    proc = subprocess.Popen(cli + ["serve", "--bundle", str(bundle_dir), "--gallery", str(gallery_dir),
+                                   "--port", "0", "--quiet"], stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.perf_counter()
+        url = proc.stderr.readline().split(" on ")[1].split()[0]
+        ready = time.perf_counter() - t0
+        body = image_path.read_bytes()
+
+        def post(path, data):
+            with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=60) as resp:
+                resp.read()
+
+        warm = {"text": timeit(lambda: post("/search/text", json.dumps({"text": text}).encode()), repeats, 3),
+                "image": timeit(lambda: post("/search/image", body), repeats, 3)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lines = ["## Cold start vs warm server", "",
+             "The one-shot CLI (`fbnet-serve-cli --text ...` / `fbnet-serve-cli photo.jpg`, a new process per "
+             "query: interpreter, imports, session creation, gallery open) against HTTP requests to a running "
+             f"`fbnet-serve-cli serve` (loopback, same gallery: 1,000 synthetic items, two-stage). The server "
+             f"was ready {ready:.1f} s after launch.", "",
+             "| query | one-shot CLI p50 ms | warm server p50 ms | p95 ms | ratio |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for q in ("text", "image"):
+        lines.append(f"| {q} | {cold[q]['median']:.0f} | {warm[q]['median']:.1f} | {warm[q]['p95']:.1f} | "
+                     f"{cold[q]['median'] / warm[q]['median']:.0f}x |")
+    return "\n".join(lines + [""])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "flickr8k" / "best.pt")
+    ap.add_argument("--bundle", type=Path, help="default: <checkpoint dir>/bundle (exported when missing)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-retrieval", help="galleries are built here")
+    ap.add_argument("--sizes", default="1000,10000,100000")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--shortlist", type=int, default=100)
+    ap.add_argument("--sections", default="scorer,latency,quality,storage,coldstart")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args()
+    if not args.checkpoint.is_file():
+        sys.exit(f"{args.checkpoint}: no checkpoint; train the Flickr8k recipe first (README, 'Flickr8k')")
+    ckpt = load_checkpoint(args.checkpoint)
+    _, model, _, fusion = load_model(ckpt)
+    bundle_dir = args.bundle or args.checkpoint.parent / "bundle"
+    if not (bundle_dir / "manifest.json").is_file():
+        export_bundle(args.checkpoint, bundle_dir, log=print)
+    bundle = open_bundle(bundle_dir)
+    retriever = Retriever(bundle, OnnxRuntimeBackend(bundle))
+    dataset = load_dataset(ckpt["data_root"])
+    image_path = Path(dataset.split("val")[0].image)
+    args.work.mkdir(parents=True, exist_ok=True)
+    sections = args.sections.split(",")
+    if "scorer" in sections:
+        write_section(args.out, "## Scorer throughput", scorer_section(bundle, model, fusion, retriever, args.repeats))
+    if "latency" in sections:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        write_section(args.out, "## Query latency at gallery scale",
+                      latency_section(bundle, retriever, image_path, args.work, sizes, args.repeats, args.shortlist))
+    if "quality" in sections:
+        write_section(args.out, "## Two-stage quality", quality_section(args.checkpoint.parent / "scores-val.npz"))
+    if "storage" in sections:
+        write_section(args.out, "## Gallery storage",
+                      storage_section(bundle, retriever, dataset, args.work, args.shortlist))
+    if "coldstart" in sections:
+        synthetic_gallery(bundle, 1000, args.work)
+        write_section(args.out, "## Cold start vs warm server",
+                      coldstart_section(bundle_dir, args.work / "synthetic-1000", image_path, args.repeats))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
