@@ -82,7 +82,7 @@ def main() -> None:
         f"and cached features. Validation: every validation image with {per} caption(s) each, equal fusion "
         "weights (the recipe's per-epoch check, not the final fused report).",
         f"Regenerate: `python benchmarks/ablation.py --config {args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config} "
-        f"--data {args.data} --epochs {args.epochs}`.",
+        f"--data {args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data} --epochs {args.epochs}`.",
         "",
         "| variant | val R@sum | val MAP | training s (incl. validation) |",
         "| --- | ---: | ---: | ---: |",
