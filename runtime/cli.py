@@ -73,6 +73,9 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
         raise click.UsageError("give query images, or --text \"a caption\"")
     retriever = _retriever(bundle, backend)
     g = Gallery(gallery, retriever.bundle)
+    # the queries' own errors (unreadable image, empty caption) come first
+    image_queries = retriever.encode_images(list(images)) if images else None
+    text_queries = retriever.encode_texts(list(texts)) if texts else None
     if images and g.text_features is None:
         raise GalleryError(f"{gallery}: has no captions to rank for an image query")
     if texts and g.image_features is None:
@@ -80,10 +83,10 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
     searcher = Searcher(retriever, g.image_features, g.text_features, 0 if exhaustive else shortlist)
     results = []
     if images:
-        hits = searcher.texts_for(retriever.encode_images(list(images)), top_k)
+        hits = searcher.texts_for(image_queries, top_k)
         results += [hits_json(q, "image", h, g.captions, "caption") for q, h in zip(images, hits)]
     if texts:
-        hits = searcher.images_for(retriever.encode_texts(list(texts)), top_k)
+        hits = searcher.images_for(text_queries, top_k)
         results += [hits_json(q, "text", h, g.images, "image") for q, h in zip(texts, hits)]
     if as_json:
         click.echo(json.dumps({"backend": retriever.backend.name, "results": results}, indent=1))
