@@ -183,8 +183,21 @@ def scorer_section(bundle, model, fusion, retriever, repeats: int) -> str:
               f"so the ceiling is about {gflops * 1e9 / flops:,.0f} pairs/s; the fastest scorer here reaches "
               f"{best:,.0f} pairs/s ({best * flops / 1e9:.1f} GFLOP/s, {best * flops / 1e9 / gflops:.0%} of it). "
               "The rest of the time goes to the element-wise attention steps (norms, softmaxes), "
-              "which are memory-bound.", ""]
+              "which are memory-bound.", "", scorer_verdict(best / rate_base), ""]
     return "\n".join(lines)
+
+
+def scorer_verdict(speedup: float, target: float = 20.0) -> str:
+    """The issue's throughput target against this run, with the cause when it is missed."""
+    if speedup >= target:
+        return f"Target: at least {target:.0f}x the baseline. Met: {speedup:.1f}x."
+    return (f"Target: at least {target:.0f}x the baseline. **Not met: {speedup:.1f}x.** Cause: the baseline is "
+            "itself batched over a shard of 128 images per caption, so the two differ only in the attended vectors "
+            "it builds (about twice the FLOPs) and in GEMM size; both spend most of their time in element-wise "
+            "work over the (images, captions, blocks, windows) tensors, and F-Net's padded box slots (J = 9 for "
+            "every image) are scored too. Measured next steps: keeping the GEMM's (I, K, C, M) layout (no permute "
+            "copies, one Gram GEMM per caption) was 1.5-2.2x faster in PyTorch with identical scores; skipping "
+            "padded box slots would cut F-Net's work by the share of empty slots (about 60% on Flickr8k).")
 
 
 # -- synthetic galleries and warm latency ---------------------------------------------------------
@@ -229,6 +242,7 @@ def latency_section(bundle, retriever, image_path: Path, work: Path, sizes, repe
         "| gallery items | query | search | p50 ms | p95 ms | runs |",
         "| ---: | --- | --- | ---: | ---: | ---: |",
     ]
+    p50 = {}
     enc = {"text": timeit(lambda: retriever.encode_texts([text]), repeats, 3),
            "image": timeit(lambda: retriever.encode_images([image_path]), repeats, 3)}
     for n in sizes:
@@ -239,11 +253,27 @@ def latency_section(bundle, retriever, image_path: Path, work: Path, sizes, repe
             for qtype, fn in (("text", lambda: searcher.images_for(retriever.encode_texts([text]), 10, k)),
                               ("image", lambda: searcher.texts_for(retriever.encode_images([image_path]), 10, k))):
                 t = timeit(fn, runs, 1)
+                if mode == "two-stage":
+                    p50[(n, qtype)] = t["median"]
                 lines.append(f"| {n:,} | {qtype} | {mode} | {t['median']:.1f} | {t['p95']:.1f} | {runs} |")
     lines += ["", f"Query encoding alone: text {enc['text']['median']:.1f} ms, image {enc['image']['median']:.1f} ms "
               "(p50); the rest of each row is search. First-stage search uses "
               f"{'FAISS' if _has_faiss() else 'numpy'}.", ""]
+    if 10_000 in sizes:
+        lines += [latency_verdict(p50[(10_000, "text")], p50[(10_000, "image")], enc["image"]["median"]), ""]
     return "\n".join(lines)
+
+
+def latency_verdict(text_ms: float, image_ms: float, image_encode_ms: float, target: float = 50.0) -> str:
+    """The issue's latency target (two-stage p50 at 10k items) against this run."""
+    verdict = lambda ms: "met" if ms <= target else "**not met**"  # noqa: E731
+    out = (f"Target: two-stage p50 <= {target:.0f} ms at 10,000 items. Text query {text_ms:.1f} ms: "
+           f"{verdict(text_ms)}. Image query {image_ms:.1f} ms: {verdict(image_ms)}.")
+    if image_ms > target:
+        out += (f" Cause: encoding the photo (decode, YOLOv3-tiny at 416 x 416, MobileNetV2) takes "
+                f"{image_encode_ms:.1f} ms before any search; the search itself takes about "
+                f"{image_ms - image_encode_ms:.0f} ms.")
+    return out
 
 
 def _has_faiss() -> bool:
@@ -286,12 +316,16 @@ def quality_section(scores_path: Path) -> str:
         rsum = 100 * sum(r_i.values()) + 100 * sum(r_t.values())
         lines.append(f"| {label} | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
                      f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | |")
+    recovered = {}
     for k in (10, 50, 100, 200):
         r_i, rec_i = two_stage_recall(first, fused, relevant, k)
         r_t, rec_t = two_stage_recall(first.T, fused.T, relevant.T, k)
+        recovered[k] = min(rec_i, rec_t)
         rsum = 100 * sum(r_i.values()) + 100 * sum(r_t.values())
         lines.append(f"| two-stage | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
                      f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | {rec_i:.3f} / {rec_t:.3f} |")
+    lines += ["", f"Target: two-stage at K = 100 recovers at least 0.99 of exhaustive search's top 10. "
+              f"{'Met' if recovered[100] >= 0.99 else '**Not met**'}: {recovered[100]:.3f} (the lower direction)."]
     return "\n".join(lines + [""])
 
 
