@@ -46,7 +46,7 @@ def sample_inputs(ckpt: dict, cfg, detector, n: int = 3):
     size = cfg.model.backbone.image_size
     try:
         dataset = load_dataset(ckpt["data_root"])
-        split = "test" if "test" in dataset.splits else "val"
+        split = dataset.report_split
         items = dataset.split(split)[:n]
         canvases = np.stack([load_image(it.image, size) for it in items])
         captions = [it.captions[0] for it in items] + [items[0].captions[-1]]

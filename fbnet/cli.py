@@ -140,7 +140,7 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
     out = out or Path("runs") / dataset.name
     t0 = time.time()
     best, val_sims = run_train(cfg, dataset, out, resume=resume, echo=click.echo)
-    split = "test" if "test" in dataset.splits else "val"
+    split = dataset.report_split
     if split == "val":
         click.echo("the dataset has no test split: reporting the validation split")
     report = evaluate(best, split, data=str(root), sims=val_sims if split == "val" else None)

@@ -105,6 +105,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
               "feature_dim": encoder.out_dim, "classes": dataset.classes,
               "box_classes": dataset.box_classes, "data_root": str(dataset.root)}
     train_caps, train_feats = caps["train"], feats["train"]
+    val_caps = caps["val"].first_per_image(tc.val_captions)  # what each epoch's validation scores
     n_pairs = len(train_caps.lengths)
     steps = math.ceil(n_pairs / tc.batch_size)
     for epoch in range(start_epoch, tc.epochs):
@@ -130,7 +131,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             total += float(loss.detach())
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
                             pairs_s=f"{(step + 1) * tc.batch_size / (time.time() - t0):.0f}")
-        val = _val_report(model, feats["val"], caps["val"].first_per_image(tc.val_captions), Fusion(), tc.eval_chunk)
+        val = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk)
         val_map = val[val["primary"]]["map"]
         record = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map,
                   "val_rsum": val["instance"]["rsum"], "seconds": time.time() - t0}

@@ -112,9 +112,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, quiet):
 
     retriever = _retriever(bundle, backend)
     service = SearchService(retriever, Gallery(gallery, retriever.bundle), shortlist)
-    # warm every session once, so the first real query pays no session creation
-    if service.gallery.images:
-        service.searcher.images_for(retriever.encode_texts(["warm up"]), 1)
+    service.warm()
     server = make_server(service, host, port, quiet)
     h, p = server.server_address[:2]
     click.echo(f"serving {len(service.gallery.images)} images and {len(service.gallery.captions)} captions "

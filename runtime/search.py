@@ -20,6 +20,7 @@ Two-stage search:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -105,41 +106,45 @@ def _best(scores: np.ndarray, candidates: np.ndarray, top_k: int) -> Hits:
 class Searcher:
     """Searches a gallery's images for caption queries and its captions for image queries.
 
-    ``shortlist`` is the two-stage re-ranking depth K; ``shortlist=0`` searches exhaustively.
+    ``shortlist`` is the two-stage re-ranking depth K; ``shortlist=0`` searches exhaustively. Each
+    side's first stage is built on its first two-stage query (exhaustive search never needs it).
     """
 
     def __init__(self, retriever: Retriever, images: ImageFeatures | None, texts: TextFeatures | None,
                  shortlist: int = DEFAULT_SHORTLIST, use_faiss: bool | None = None):
         self.retriever, self.images, self.texts, self.shortlist = retriever, images, texts, shortlist
-        self.image_stage = FirstStage(pooled_images(images), use_faiss) if images is not None and len(images) else None
-        self.text_stage = FirstStage(pooled_texts(texts), use_faiss) if texts is not None and len(texts) else None
+        self.use_faiss = use_faiss
+
+    @cached_property
+    def image_stage(self) -> FirstStage | None:
+        has = self.images is not None and len(self.images)
+        return FirstStage(pooled_images(self.images), self.use_faiss) if has else None
+
+    @cached_property
+    def text_stage(self) -> FirstStage | None:
+        has = self.texts is not None and len(self.texts)
+        return FirstStage(pooled_texts(self.texts), self.use_faiss) if has else None
 
     def images_for(self, queries: TextFeatures, top_k: int, shortlist: int | None = None) -> list[Hits]:
         """Rank the gallery's images for each caption query."""
-        k = self.shortlist if shortlist is None else shortlist
-        if not k:
-            scores = self.retriever.score(self.images, queries).T
-            return [_best(row, np.arange(len(row)), top_k) for row in scores]
-        _, cand = self.image_stage.top(pooled_texts(queries), k)
-        out = []
-        for q, idx in enumerate(cand):
-            idx = np.sort(idx)  # ascending reads are kind to memory-mapped galleries
-            scores = self.retriever.score(self.images.take(idx), queries.take(slice(q, q + 1)))[:, 0]
-            out.append(_best(scores, idx, top_k))
-        return out
+        return self._rank(queries, pooled_texts, self.images, lambda: self.image_stage,
+                          lambda q, g: self.retriever.score(g, q).T, top_k, shortlist)
 
     def texts_for(self, queries: ImageFeatures, top_k: int, shortlist: int | None = None) -> list[Hits]:
         """Rank the gallery's captions for each image query."""
+        return self._rank(queries, pooled_images, self.texts, lambda: self.text_stage,
+                          self.retriever.score, top_k, shortlist)
+
+    def _rank(self, queries, pool, gallery, stage, score, top_k: int, shortlist: int | None) -> list[Hits]:
+        """``score(queries, items)`` is the fused score matrix ``(queries, items)``."""
         k = self.shortlist if shortlist is None else shortlist
         if not k:
-            scores = self.retriever.score(queries, self.texts)
-            return [_best(row, np.arange(len(row)), top_k) for row in scores]
-        _, cand = self.text_stage.top(pooled_images(queries), k)
+            return [_best(row, np.arange(len(row)), top_k) for row in score(queries, gallery)]
+        _, cand = stage().top(pool(queries), k)
         out = []
         for q, idx in enumerate(cand):
-            idx = np.sort(idx)
-            scores = self.retriever.score(queries.take(slice(q, q + 1)), self.texts.take(idx))[0]
-            out.append(_best(scores, idx, top_k))
+            idx = np.sort(idx)  # ascending reads are kind to memory-mapped galleries
+            out.append(_best(score(queries.take(slice(q, q + 1)), gallery.take(idx))[0], idx, top_k))
         return out
 
 

@@ -54,6 +54,12 @@ class SearchService:
         self.searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist)
         self._lock = threading.Lock()
 
+    def warm(self) -> None:
+        """Create every session and both first stages now, so the first real query pays neither."""
+        if self.gallery.images:
+            self.searcher.images_for(self.retriever.encode_texts(["warm up"]), 1)
+        self.searcher.text_stage  # noqa: B018  (a cached property: built here)
+
     def health(self) -> dict:
         stage = self.searcher.image_stage or self.searcher.text_stage
         return {"status": "ok", "backend": self.retriever.backend.name, "images": len(self.gallery.images),

@@ -78,6 +78,11 @@ class Dataset:
         present = {i.split for i in self.items}
         return [s for s in SPLITS if s in present]
 
+    @property
+    def report_split(self) -> str:
+        """The held-out split reports use: ``test``, or ``val`` when there is no test split."""
+        return "test" if "test" in self.splits else "val"
+
     def split(self, name: str) -> list[Item]:
         if name not in SPLITS:
             raise DatasetError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
