@@ -168,22 +168,39 @@ def evaluate_cmd(checkpoint, split, data_dir, out):
 @click.option("--fp16", is_flag=True, help="also build FP16 TensorRT engines (needs tensorrt and a GPU)")
 @click.option("--opset", default=17, show_default=True, help="ONNX opset")
 @click.option("--engines-only", is_flag=True, help="SOURCE is a bundle: build its TensorRT engines")
-def export_cmd(source, out, fp16, opset, engines_only):
+@click.option("--triton", "triton_repo", type=click.Path(file_okay=False, path_type=Path),
+              help="also write a Triton model repository here (SOURCE may be a bundle)")
+@click.option("--gallery", type=click.Path(file_okay=False, path_type=Path),
+              help="with --triton: add the two-stage search models over this gallery")
+@click.option("--triton-max-batch", default=16, show_default=True, help="with --triton: max_batch_size")
+def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, triton_max_batch):
     """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory."""
     from fbnet.export.bundle import build_bundle_engines, export_bundle
     from fbnet.export.onnx_export import ExportError
+    from fbnet.export.triton import TritonExportError, write_triton_repository
+    from fbnet.runtime.bundle import BundleError
+    from fbnet.runtime.gallery import GalleryError
 
     try:
         if engines_only:
             engines = build_bundle_engines(source, fp16=True, log=click.echo)
             click.echo(f"built {len(engines)} engines in {source}")
             return
-        if out is None:
+        if (source / "manifest.json").is_file():  # already a bundle
+            if triton_repo is None:
+                raise click.UsageError("SOURCE is a bundle: give --triton REPO (or --engines-only)")
+            out = source
+        elif out is None:
             raise click.UsageError("give --out BUNDLE")
-        export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
-    except ExportError as exc:
+        else:
+            export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
+            click.echo(f"wrote bundle {out}")
+        if triton_repo is not None:
+            write_triton_repository(out, triton_repo, gallery, max_batch=triton_max_batch)
+            click.echo(f"wrote Triton model repository {triton_repo}" +
+                       ("" if gallery else " (graphs only; --gallery G adds the search models)"))
+    except (ExportError, TritonExportError, BundleError, GalleryError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote bundle {out}")
 
 
 @main.command("parity")

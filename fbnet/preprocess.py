@@ -21,17 +21,29 @@ class ImageError(ValueError):
     """An image is missing, unreadable or too small; the message names the file."""
 
 
-def load_image(path: str | Path | BinaryIO, size: int, min_side: int = 8, name: str | None = None) -> np.ndarray:
+class ImageTooLarge(ImageError):
+    """An image declares more pixels than allowed (found from its header, before decoding)."""
+
+
+def load_image(path: str | Path | BinaryIO, size: int, min_side: int = 8, name: str | None = None,
+               max_pixels: int | None = None) -> np.ndarray:
     """Decode ``path`` (a file name, or an open binary file such as an upload) to a float32
-    ``(3, size, size)`` array in [0, 1]; messages name ``name`` or the path."""
+    ``(3, size, size)`` array in [0, 1]; messages name ``name`` or the path. With ``max_pixels``,
+    an image whose header declares more pixels is refused before any pixel is decoded (a
+    decompression bomb costs a header read, not gigabytes)."""
     source = path if hasattr(path, "read") else Path(path)
     path = name or str(source)
     try:
         with Image.open(source) as im:
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                raise ImageTooLarge(f"{path}: image declares {im.size[0]}x{im.size[1]} pixels, over the "
+                                    f"limit of {max_pixels:,}")
             im.load()
             rgb = im.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{path}: image not found") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{path}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ImageError(f"{path}: cannot decode image ({exc})") from None
     if min(rgb.size) < min_side:

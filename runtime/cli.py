@@ -6,9 +6,13 @@
     fbnet-serve-cli query.jpg [more.jpg ...] --bundle B --gallery G [--top-k 5] [--json]
     fbnet-serve-cli --text "a dog runs on grass" [--text ...] --bundle B --gallery G
     fbnet-serve-cli serve --bundle B --gallery G [--host 127.0.0.1] [--port 8080]
+    fbnet-serve-cli triton-env [DIR]                      # the PyTriton environment (numpy < 2)
+    DIR/bin/fbnet-serve-cli triton --bundle B --gallery G [--http-port 8000]
 
 Queries use two-stage search (:mod:`fbnet.runtime.search`; ``--exhaustive`` scores every item).
-``serve`` keeps the bundle and gallery loaded and answers HTTP + JSON (:mod:`fbnet.runtime.server`).
+``serve`` keeps the bundle and gallery loaded and answers HTTP + JSON with micro-batching
+(:mod:`fbnet.runtime.server`); ``triton`` serves the same search through Triton Inference Server
+(:mod:`fbnet.runtime.triton`).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from .bundle import BundleError, open_bundle
 from .gallery import Gallery, GalleryError, build_gallery, list_images, read_captions
 from .retriever import QueryError, Retriever
 from .search import DEFAULT_SHORTLIST, Searcher, hits_json
+from .service import SearchService
+from .triton_env import TritonEnvError
 
-ERRORS = (BundleError, GalleryError, QueryError, ImageError, BackendUnavailable)
+ERRORS = (BundleError, GalleryError, QueryError, ImageError, BackendUnavailable, TritonEnvError)
 
 
 def _retriever(bundle: str, backend: str) -> Retriever:
@@ -105,27 +111,82 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
 @click.option("--shortlist", default=DEFAULT_SHORTLIST, show_default=True,
               help="default two-stage re-ranking depth (0 = exhaustive); a request may override it")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--max-batch", default=16, show_default=True, help="queries per inference call")
+@click.option("--max-wait-ms", default=0.0, show_default=True,
+              help="how long a batch waits for more queries (0: takes what is already queued)")
+@click.option("--max-queue", default=256, show_default=True, help="queued queries before 503 + Retry-After")
+@click.option("--max-pixels", default=40_000_000, show_default=True, help="declared image pixels before 413")
+@click.option("--http", type=click.Choice(["auto", "httptools", "h11"]), default="auto", show_default=True,
+              help="uvicorn's HTTP parser")
 @click.option("--quiet", is_flag=True, help="do not log each request")
-def serve_cmd(bundle, gallery, host, port, shortlist, backend, quiet):
-    """Serve text and image queries over HTTP + JSON from a warm process."""
-    from .server import SearchService, make_server
+def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wait_ms, max_queue, max_pixels,
+              http, quiet):
+    """Serve text and image queries over HTTP + JSON, with a search page at /."""
+    import logging
+
+    from .server import SearchServer, ServeConfig, listen, run_server
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    retriever = _retriever(bundle, backend)
+    g = Gallery(gallery, retriever.bundle)  # a bad gallery fails here, before the port opens
+    server = SearchServer(lambda: SearchService(retriever, g, shortlist),
+                          ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                      max_pixels=max_pixels))
+    sock = listen(host, port)
+    h, p = sock.getsockname()[:2]
+    click.echo(f"serving {len(g.images)} images and {len(g.captions)} captions on http://{h}:{p} with "
+               f"{retriever.backend.name} (GET /ready says when loaded; SIGTERM or Ctrl-C stops)", err=True)
+    run_server(server, sock, http)
+
+
+@click.command("triton")
+@click.option("--bundle", required=True, type=click.Path())
+@click.option("--gallery", required=True, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--http-port", default=8000, show_default=True)
+@click.option("--grpc-port", default=8001, show_default=True)
+@click.option("--metrics-port", default=8002, show_default=True)
+@click.option("--shortlist", default=DEFAULT_SHORTLIST, show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--max-batch", default=16, show_default=True, help="Triton dynamic batcher's max_batch_size")
+@click.option("--max-wait-us", default=0, show_default=True, help="its max_queue_delay_microseconds")
+@click.option("--log-file", type=click.Path(), help="Triton's own log (default: standard output)")
+def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,
+               max_wait_us, log_file):
+    """Serve the search through Triton Inference Server (PyTriton; see `triton-env`)."""
+    import signal
+    import threading
+
+    from .triton import serve_pytriton
 
     retriever = _retriever(bundle, backend)
     service = SearchService(retriever, Gallery(gallery, retriever.bundle), shortlist)
     service.warm()
-    server = make_server(service, host, port, quiet)
-    h, p = server.server_address[:2]
-    click.echo(f"serving {len(service.gallery.images)} images and {len(service.gallery.captions)} captions "
-               f"on http://{h}:{p} with {retriever.backend.name} (Ctrl-C stops)", err=True)
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    triton = serve_pytriton(service, host, http_port, grpc_port, metrics_port, max_batch, max_wait_us, log_file)
+    click.echo(f"Triton serving fbnet_search_text and fbnet_search_image on http://{host}:{http_port} "
+               f"(gRPC {grpc_port}, metrics {metrics_port}); SIGTERM or Ctrl-C stops", err=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
-        server.server_close()
+        triton.stop()
 
 
-COMMANDS = {"index": index_cmd, "serve": serve_cmd}
+@click.command("triton-env")
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
+def triton_env_cmd(directory):
+    """Build (or reuse) the PyTriton environment (numpy < 2) and print its python."""
+    from pathlib import Path
+
+    from .triton_env import build
+
+    click.echo(build(Path(directory) if directory else None, log=lambda m: click.echo(m, err=True)))
+
+
+COMMANDS = {"index": index_cmd, "serve": serve_cmd, "triton": triton_cmd, "triton-env": triton_env_cmd}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ Two-stage search:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -125,27 +126,46 @@ class Searcher:
         has = self.texts is not None and len(self.texts)
         return FirstStage(pooled_texts(self.texts), self.use_faiss) if has else None
 
-    def images_for(self, queries: TextFeatures, top_k: int, shortlist: int | None = None) -> list[Hits]:
+    def images_for(self, queries: TextFeatures, top_k: PerQuery, shortlist: PerQuery | None = None) -> list[Hits]:
         """Rank the gallery's images for each caption query."""
         return self._rank(queries, pooled_texts, self.images, lambda: self.image_stage,
                           lambda q, g: self.retriever.score(g, q).T, top_k, shortlist)
 
-    def texts_for(self, queries: ImageFeatures, top_k: int, shortlist: int | None = None) -> list[Hits]:
+    def texts_for(self, queries: ImageFeatures, top_k: PerQuery, shortlist: PerQuery | None = None) -> list[Hits]:
         """Rank the gallery's captions for each image query."""
         return self._rank(queries, pooled_images, self.texts, lambda: self.text_stage,
                           self.retriever.score, top_k, shortlist)
 
-    def _rank(self, queries, pool, gallery, stage, score, top_k: int, shortlist: int | None) -> list[Hits]:
-        """``score(queries, items)`` is the fused score matrix ``(queries, items)``."""
-        k = self.shortlist if shortlist is None else shortlist
-        if not k:
-            return [_best(row, np.arange(len(row)), top_k) for row in score(queries, gallery)]
-        _, cand = stage().top(pool(queries), k)
-        out = []
-        for q, idx in enumerate(cand):
-            idx = np.sort(idx)  # ascending reads are kind to memory-mapped galleries
-            out.append(_best(score(queries.take(slice(q, q + 1)), gallery.take(idx))[0], idx, top_k))
+    def _rank(self, queries, pool, gallery, stage, score, top_k: PerQuery, shortlist: PerQuery | None) -> list[Hits]:
+        """``score(queries, items)`` is the fused score matrix ``(queries, items)``. ``top_k`` and
+        ``shortlist`` are one value for every query or one per query (a micro-batch mixes them):
+        exhaustive queries are scored together, and one first-stage call serves all the others."""
+        n = len(queries)
+        tops = _per_query(top_k, n)
+        ks = [self.shortlist if k is None else k for k in _per_query(shortlist, n)]
+        out: list[Hits | None] = [None] * n
+        exhaustive = [q for q in range(n) if not ks[q]]
+        if exhaustive:
+            for q, row in zip(exhaustive, score(queries.take(exhaustive), gallery)):
+                out[q] = _best(row, np.arange(len(row)), tops[q])
+        staged = [q for q in range(n) if ks[q]]
+        if staged:
+            _, cand = stage().top(pool(queries.take(staged)), max(ks[q] for q in staged))
+            for q, idx in zip(staged, cand):
+                idx = np.sort(idx[: ks[q]])  # ascending reads are kind to memory-mapped galleries
+                out[q] = _best(score(queries.take(slice(q, q + 1)), gallery.take(idx))[0], idx, tops[q])
         return out
+
+
+PerQuery = int | Sequence[int | None] | None
+
+
+def _per_query(value: PerQuery, n: int) -> list:
+    if value is None or isinstance(value, (int, np.integer)):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"{len(value)} values for {n} queries")
+    return list(value)
 
 
 def hits_json(query: str, qtype: str, hits: Hits, items: list[str], returns: str) -> dict:

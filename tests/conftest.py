@@ -70,3 +70,18 @@ def gallery_inputs(trained, tmp_path_factory):
         shutil.copy(trained / "data" / it["image"], root / "images")
     (root / "captions.txt").write_text("".join(it["captions"][0] + "\n" for it in test))
     return root
+
+
+@pytest.fixture(scope="session")
+def served(bundle, gallery_inputs, tmp_path_factory):
+    """The tiny model's bundle on ONNX Runtime and a gallery of 12 test images and captions."""
+    from fbnet.runtime.backends import select_backend
+    from fbnet.runtime.bundle import open_bundle
+    from fbnet.runtime.gallery import Gallery, build_gallery, list_images, read_captions
+    from fbnet.runtime.retriever import Retriever
+
+    b = open_bundle(bundle)
+    retriever = Retriever(b, select_backend(b, "onnxruntime"))
+    out = tmp_path_factory.mktemp("search") / "gallery"
+    build_gallery(retriever, list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt"), out)
+    return retriever, Gallery(out, b), out

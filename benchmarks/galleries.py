@@ -1,0 +1,77 @@
+"""Synthetic galleries with a bundle's shapes, for the benchmarks (no images need encoding)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from fbnet.runtime.gallery import Gallery, gallery_meta
+from fbnet.runtime.retriever import ImageFeatures, TextFeatures
+
+
+def key_shapes(bundle) -> dict[str, tuple[int, int]]:
+    """(blocks K, windows M) per key, e.g. F3 -> (J * 9, 9)."""
+    j = bundle.model["max_boxes"]
+    return {k: ((1 if k[0] == "B" else j) * int(k[1]) ** 2, int(k[1]) ** 2) for k in bundle.keys}
+
+
+def unit(rng, *shape) -> np.ndarray:
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def box_mask(rng, n: int, j: int) -> np.ndarray:
+    counts = rng.integers(1, j + 1, n)
+    return (np.arange(j)[None, :] < counts[:, None]).astype(np.float32)
+
+
+def synthetic(bundle, n_img: int, n_cap: int, seed: int = 0) -> tuple[ImageFeatures, TextFeatures]:
+    rng, d, shapes = np.random.default_rng(seed), bundle.model["embed_dim"], key_shapes(bundle)
+    mask = box_mask(rng, n_img, bundle.model["max_boxes"])
+    blocks = {}
+    for k, (kk, _) in shapes.items():
+        b = unit(rng, n_img, kk, d)
+        if k[0] == "F":  # zero the blocks of absent boxes, as the image encoder does
+            b *= np.repeat(mask, kk // bundle.model["max_boxes"], axis=1)[:, :, None]
+        blocks[k] = b
+    return ImageFeatures(blocks, mask), TextFeatures({k: unit(rng, n_cap, m, d) for k, (_, m) in shapes.items()})
+
+
+
+def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dtype="float16",
+                      image_files: list[Path] | None = None) -> Gallery:
+    """A gallery of ``n`` images and ``n`` captions with the bundle's shapes: random unit block and
+    window features for the first ``random_rows`` items; past them only the first-stage vectors are
+    random and the other blocks are zeros of a sparse file, which changes no arithmetic the scorer
+    does. Image paths are ``image_files`` repeated (real files, for a server's page), or made up."""
+    out = root / f"synthetic-{n}"
+    paths = [str(image_files[i % len(image_files)]) for i in range(n)] if image_files else \
+        [f"synthetic/{i:06d}.jpg" for i in range(n)]
+    meta = {**gallery_meta(bundle, paths,
+                           [f"synthetic caption {i}" for i in range(n)], dtype), "n_images": n, "n_captions": n}
+    if (out / "gallery.json").is_file() and json.loads((out / "gallery.json").read_text()) == meta:
+        return Gallery(out, bundle)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
+    (out / "texts").mkdir()
+    rng, d, shapes = np.random.default_rng(1), bundle.model["embed_dim"], key_shapes(bundle)
+    j = bundle.model["max_boxes"]
+    np.save(out / "images" / "fg_mask.npy", box_mask(rng, n, j))
+    for side, which in (("images", 0), ("texts", 1)):
+        for k, s in shapes.items():
+            arr = np.lib.format.open_memmap(out / side / f"{k}.npy", mode="w+", dtype=dtype, shape=(n, s[which], d))
+            for start in range(0, min(n, random_rows), 1000):
+                stop = min(start + 1000, n, random_rows)
+                arr[start:stop] = unit(rng, stop - start, s[which], d)
+            if k in ("B1", "F1"):  # first-stage vectors are random for every row
+                for start in range(random_rows, n, 10_000):
+                    arr[start: start + 10_000] = unit(rng, min(10_000, n - start), s[which], d)
+            arr.flush()
+            del arr
+    (out / "gallery.json").write_text(json.dumps(meta))
+    return Gallery(out, bundle)
+
+

@@ -1,0 +1,278 @@
+"""Serving under load: throughput and latency of the built-in server and of Triton (PyTriton) for
+1, 8, 32 and 128 concurrent clients, text and image queries, against a 10,000-item gallery.
+
+    python benchmarks/serving.py                      # default model: runs/synth-seed0/best.pt
+
+Each server runs as its own process (``fbnet-serve-cli serve`` / ``fbnet-serve-cli triton`` from
+the PyTriton environment), warmed, then loaded by asyncio clients in this process, each on its own
+keep-alive connection sending requests back to back for ``--seconds`` per cell. Text queries are
+captions of the dataset's test split; image queries are its test images' file bytes. The gallery
+is synthetic features of the bundle's shapes (10,000 images and 10,000 captions; image paths are
+real files so the page works). Server RSS is read from /proc (Triton: the PyTriton process plus
+``tritonserver`` and its Python-backend stub). Writes the "Serving under load" section of
+BENCHMARKS.md. The load generator shares the 2 cores with the server; nothing else should run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from fbnet.checkpoint import load_checkpoint
+from fbnet.data.manifest import load_dataset
+from fbnet.runtime.bundle import open_bundle
+from fbnet.runtime.triton_env import build as build_triton_env
+
+from common import ROOT, machine, write_section
+from galleries import synthetic_gallery
+
+TARGET_SCALING, TARGET_P99_MS = 2.5, 150.0
+
+
+# -- requests ---------------------------------------------------------------------------------------
+def builtin_request(kind: str, payload: bytes | str) -> bytes:
+    if kind == "text":
+        body, path = json.dumps({"text": payload, "top_k": 5}).encode(), "/search/text"
+    else:
+        body, path = payload, "/search/image?top_k=5"
+    return (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + body
+
+
+def triton_request(kind: str, payload: bytes | str) -> bytes:
+    """KServe v2 inference request with the binary-data extension (the BYTES element is length-prefixed)."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    element = struct.pack("<I", len(data)) + data
+    top_k = struct.pack("<i", 5)
+    header = json.dumps({"inputs": [
+        {"name": kind, "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(element)}},
+        {"name": "top_k", "shape": [1, 1], "datatype": "INT32", "parameters": {"binary_data_size": 4}}],
+        "outputs": [{"name": "result", "parameters": {"binary_data": False}}]}).encode()
+    body = header + element + top_k
+    return (f"POST /v2/models/fbnet_search_{kind}/infer HTTP/1.1\r\nHost: bench\r\n"
+            f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {len(header)}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + body
+
+
+async def read_response(reader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    return status, await reader.readexactly(int(match.group(1)) if match else 0)
+
+
+# -- load -------------------------------------------------------------------------------------------
+async def one_client(port: int, requests: list[bytes], offset: int, stop_at: float, out: list) -> None:
+    conn, i = None, offset
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        try:
+            if conn is None:
+                conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
+            conn[1].write(requests[i % len(requests)])
+            await conn[1].drain()
+            status, _ = await asyncio.wait_for(read_response(conn[0]), 60)
+            out.append((status, time.perf_counter() - t0))
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.LimitOverrunError) as exc:
+            out.append((type(exc).__name__, time.perf_counter() - t0))
+            if conn is not None:
+                conn[1].close()
+            conn = None
+        i += 1
+    if conn is not None:
+        conn[1].close()
+
+
+def load(port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
+    out: list = []
+
+    async def run():
+        stop_at = time.perf_counter() + seconds
+        await asyncio.gather(*(one_client(port, requests, c * 7, stop_at, out) for c in range(clients)))
+
+    t0 = time.perf_counter()
+    asyncio.run(run())
+    wall = time.perf_counter() - t0
+    ok = sorted(lat for status, lat in out if status == 200)
+    errors = {}
+    for status, _ in out:
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+    pct = lambda q: ok[min(len(ok) - 1, int(q * len(ok)))] * 1000 if ok else float("nan")  # noqa: E731
+    return {"clients": clients, "ok": len(ok), "rps": len(ok) / wall, "p50": statistics.median(ok) * 1000 if ok
+            else float("nan"), "p99": pct(0.99), "errors": errors}
+
+
+# -- servers ----------------------------------------------------------------------------------------
+def rss_mb(root_pid: int) -> float:
+    """Resident memory of a process and its descendants."""
+    children = subprocess.run(["pgrep", "-P", str(root_pid)], capture_output=True, text=True).stdout.split()
+    total = 0.0
+    try:
+        m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{root_pid}/status").read_text())
+        total += int(m.group(1)) / 1024 if m else 0
+    except OSError:
+        return 0.0
+    return total + sum(rss_mb(int(c)) for c in children)
+
+
+def wait_http(url: str, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready within {seconds} s")
+
+
+class Server:
+    def __init__(self, cmd: list[str], port: int, ready_url: str, env=None):
+        self.port = port
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        wait_http(ready_url)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+def start_builtin(bundle: Path, gallery: Path, port: int, http: str) -> Server:
+    cmd = [sys.executable, "-m", "fbnet.runtime.cli", "serve", "--bundle", str(bundle), "--gallery", str(gallery),
+           "--port", str(port), "--quiet", "--http", http]
+    return Server(cmd, port, f"http://127.0.0.1:{port}/ready")
+
+
+def start_triton(bundle: Path, gallery: Path, port: int, work: Path) -> Server:
+    python = build_triton_env()
+    cmd = [str(python), "-m", "fbnet.runtime.cli", "triton", "--bundle", str(bundle), "--gallery", str(gallery),
+           "--http-port", str(port), "--grpc-port", str(port + 1), "--metrics-port", str(port + 2),
+           "--log-file", str(work / "triton.log")]
+    return Server(cmd, port, f"http://127.0.0.1:{port}/v2/models/fbnet_search_image/ready")
+
+
+# -- report -----------------------------------------------------------------------------------------
+def measure(server: Server, name: str, make, queries: dict, clients: list[int], seconds: float) -> list[dict]:
+    rows = []
+    rest = rss_mb(server.proc.pid)
+    for kind, payloads in queries.items():
+        requests = [make(kind, p) for p in payloads]
+        load(server.port, requests, 4, 2)  # warm-up
+        for c in clients:
+            r = load(server.port, requests, c, seconds)
+            r.update(server=name, kind=kind, rss_rest=rest, rss_load=rss_mb(server.proc.pid))
+            print(f"{name:24s} {kind:5s} {c:4d} clients: {r['rps']:7.1f} req/s  p50 {r['p50']:7.1f} ms  "
+                  f"p99 {r['p99']:7.1f} ms  errors {r['errors'] or 0}  RSS {r['rss_load']:.0f} MB", flush=True)
+            rows.append(r)
+    return rows
+
+
+def verdicts(rows: list[dict], name: str) -> list[str]:
+    text = {r["clients"]: r for r in rows if r["server"] == name and r["kind"] == "text"}
+    out = []
+    if 1 in text and 8 in text:
+        scale = text[8]["rps"] / text[1]["rps"]
+        ok = scale >= TARGET_SCALING and text[8]["p99"] <= TARGET_P99_MS
+        out.append(f"- {name}, text, 8 clients: {scale:.2f}x one client's throughput (target >= {TARGET_SCALING}x), "
+                   f"p99 {text[8]['p99']:.0f} ms (target <= {TARGET_P99_MS:.0f} ms): **{'met' if ok else 'missed'}**.")
+    for c in (32, 128):
+        if c in text and 8 in text:
+            r = text[c]
+            ok = not r["errors"] and r["rps"] >= text[8]["rps"] * 0.97
+            out.append(f"- {name}, text, {c} clients: {sum(r['errors'].values()) if r['errors'] else 0} errors, "
+                       f"{r['rps']:.0f} req/s against {text[8]['rps']:.0f} at 8 clients: "
+                       f"**{'met' if ok else 'missed'}** (no errors, throughput not below 8 clients' within 3% noise).")
+    return out
+
+
+def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bundle) -> str:
+    lines = ["## Serving under load", "",
+             f"`python benchmarks/serving.py` ({time.strftime('%Y-%m-%d')}; {machine()}). One run; each cell "
+             f"is {seconds:g} s of back-to-back requests per client on keep-alive connections, load generator "
+             f"(asyncio, one process) on the same 2 cores. Gallery: {items:,} images and {items:,} captions of "
+             f"the default model's shapes (d = {bundle.model['embed_dim']}, J = {bundle.model['max_boxes']}), "
+             "two-stage search, top 5 of a shortlist of 100, ONNX Runtime on the CPU. Built-in server: "
+             "`fbnet-serve-cli serve` (uvicorn + Starlette, one micro-batching worker, max batch 16, max wait "
+             "0). Triton: `fbnet-serve-cli triton` (PyTriton 0.7 / Triton 2.51, dynamic batcher max batch 16, "
+             "KServe v2 HTTP with binary tensors).", "",
+             "| server | query | clients | req/s | p50 ms | p99 ms | errors | RSS at rest MB | RSS under load MB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        lines.append(f"| {r['server']} | {r['kind']} | {r['clients']} | {r['rps']:.1f} | {r['p50']:.1f} | "
+                     f"{r['p99']:.1f} | {errors} | {r['rss_rest']:.0f} | {r['rss_load']:.0f} |")
+    if stacks:
+        lines += ["", "HTTP stack of the built-in server (text queries, 8 clients, same run):", "",
+                  "| uvicorn HTTP parser | req/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {s['server']} | {s['rps']:.1f} | {s['p50']:.1f} | {s['p99']:.1f} |" for s in stacks]
+    names = sorted({r["server"] for r in rows})
+    lines += ["", "Targets (text queries):", ""] + [v for n in names for v in verdicts(rows, n)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", type=Path, default=ROOT / "runs" / "synth-seed0" / "bundle",
+                    help="exported from the run's best.pt when missing")
+    ap.add_argument("--items", type=int, default=10_000)
+    ap.add_argument("--clients", default="1,8,32,128")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--servers", default="builtin,triton")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-serving")
+    ap.add_argument("--port", type=int, default=18080)
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args()
+    if not (args.bundle / "manifest.json").is_file():
+        from fbnet.export.bundle import export_bundle
+
+        ckpt = args.bundle.parent / "best.pt"
+        if not ckpt.is_file():
+            sys.exit(f"{ckpt}: no checkpoint; run `fbnet train` first (README, Quick start)")
+        export_bundle(ckpt, args.bundle, log=print)
+    bundle = open_bundle(args.bundle)
+    source = json.loads((args.bundle / "manifest.json").read_text())["source_checkpoint"]["path"]
+    dataset = load_dataset(load_checkpoint(source)["data_root"])
+    test = dataset.split(dataset.report_split)
+    args.work.mkdir(parents=True, exist_ok=True)
+    gallery = synthetic_gallery(bundle, args.items, args.work, image_files=[Path(i.image) for i in test])
+    queries = {"text": [i.captions[0] for i in test][:200], "image": [Path(i.image).read_bytes() for i in test][:50]}
+    clients = [int(c) for c in args.clients.split(",")]
+    rows, stacks = [], []
+    for name in args.servers.split(","):
+        if name == "builtin":
+            for http in ("h11", "httptools"):
+                server = start_builtin(args.bundle, gallery.root, args.port, http)
+                try:
+                    if http == "httptools":
+                        rows += measure(server, "built-in (uvicorn)", builtin_request, queries, clients, args.seconds)
+                    r = load(server.port, [builtin_request("text", q) for q in queries["text"]], 8, args.seconds)
+                    stacks.append({**r, "server": http})
+                finally:
+                    server.stop()
+        elif name == "triton":
+            server = start_triton(args.bundle, gallery.root, args.port + 10, args.work)
+            try:
+                rows += measure(server, "Triton (PyTriton)", triton_request, queries, clients, args.seconds)
+            finally:
+                server.stop()
+    write_section(args.out, "## Serving under load", section(rows, stacks, args.items, args.seconds, bundle))
+    (args.work / "serving.json").write_text(json.dumps({"rows": rows, "stacks": stacks}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    main()

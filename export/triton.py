@@ -1,0 +1,121 @@
+"""A Triton Inference Server model repository from a bundle (``fbnet export --triton REPO``).
+
+::
+
+    REPO/
+      fbnet_detector/       config.pbtxt  1/model.onnx     onnxruntime_onnx, static 1x3xSxS image
+      fbnet_image_encoder/  config.pbtxt  1/model.onnx     dynamic batching over images
+      fbnet_text_encoder/   config.pbtxt  1/model.onnx     dynamic batching over captions
+      fbnet_scorer/         config.pbtxt  1/model.onnx     images x captions (two free axes: no batcher)
+      fbnet_<graph>_trt/    config.pbtxt  1/model.plan     tensorrt_plan, when the bundle has engines
+      fbnet_search_text/    config.pbtxt  1/model.py       Python backend: two-stage search (BLS)
+      fbnet_search_image/   config.pbtxt  1/model.py
+
+Every ONNX model's inputs and outputs are the graph's own (names, types, shapes from the bundle's
+manifest). A graph whose inputs and outputs all lead with the same dynamic axis gets
+``max_batch_size`` and a dynamic batcher; a 1-D input such as ``lengths`` is declared ``[1]`` with
+``reshape { shape: [] }``. Instances are ``KIND_AUTO`` (GPU where there is one), and the ONNX
+Runtime models ask for the TensorRT execution accelerator in FP16 on GPU instances.
+
+The search models run :class:`fbnet.runtime.service.SearchService`, the built-in server's code,
+with a backend whose ``run`` is a BLS call to the models above (:mod:`fbnet.runtime.triton`);
+their ``parameters`` name the bundle and gallery directories as Triton's host sees them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fbnet.atomic import atomic_dir
+from fbnet.runtime.bundle import open_bundle
+from fbnet.runtime.triton import GRAPH_MODEL, SEARCH_INPUTS, SEARCH_OUTPUTS, batch_axis
+
+TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
+         "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "object": "TYPE_STRING", "bytes": "TYPE_STRING"}
+MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fbnet.runtime.triton)."""\n' \
+           "from fbnet.runtime.triton import TritonPythonModel  # noqa: F401\n"
+
+
+class TritonExportError(ValueError):
+    """The bundle cannot be written as a Triton model repository; the message says why."""
+
+
+def _tensor(t: dict, batched: bool) -> str:
+    dims = [-1 if isinstance(d, str) else int(d) for d in t["shape"]]
+    if batched:
+        dims = dims[1:]
+    lines = [f'    name: "{t["name"]}"', f"    data_type: {TYPES[t['dtype']]}",
+             f"    dims: [ {', '.join(map(str, dims or [1]))} ]"]
+    if not dims:
+        lines.append("    reshape: { shape: [ ] }")
+    return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def graph_config(name: str, spec: dict, platform: str, max_batch: int, instances: int) -> str:
+    """``config.pbtxt`` for one graph (``platform``: ``onnxruntime_onnx`` or ``tensorrt_plan``)."""
+    batched = batch_axis(spec) is not None
+    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch if batched else 0}",
+             "input [\n" + ",\n".join(_tensor(t, batched) for t in spec["inputs"]) + "\n]",
+             "output [\n" + ",\n".join(_tensor(t, batched) for t in spec["outputs"]) + "\n]",
+             f"instance_group [ {{ count: {instances}, kind: KIND_AUTO }} ]"]
+    if batched:
+        lines.append("dynamic_batching { max_queue_delay_microseconds: 500 }")
+    if platform == "onnxruntime_onnx":
+        lines.append('optimization { execution_accelerators { gpu_execution_accelerator: [ {\n'
+                     '  name: "tensorrt"\n'
+                     '  parameters { key: "precision_mode" value: "FP16" }\n'
+                     '  parameters { key: "max_workspace_size_bytes" value: "1073741824" }\n'
+                     '  parameters { key: "trt_engine_cache_enable" value: "1" }\n} ] } }')
+    else:
+        lines.append('default_model_filename: "model.plan"')
+    return "\n".join(lines) + "\n"
+
+
+def search_config(name: str, kind: str, bundle: Path, gallery: Path, engines: bool, max_batch: int,
+                  shortlist: int) -> str:
+    def tensors(specs):
+        return ",\n".join("  {\n" + f'    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]' +
+                          ("\n    optional: true" if opt else "") + "\n  }" for n, t, opt in specs)
+
+    params = {"kind": kind, "bundle": str(bundle), "gallery": str(gallery), "shortlist": str(shortlist),
+              "graph_suffix": "_trt" if engines else ""}
+    return "\n".join([
+        f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch}",
+        "input [\n" + tensors(SEARCH_INPUTS[kind]) + "\n]", "output [\n" + tensors(SEARCH_OUTPUTS) + "\n]",
+        "instance_group [ { count: 1, kind: KIND_CPU } ]",
+        "dynamic_batching { max_queue_delay_microseconds: 1000 }",
+        *(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()),
+    ]) + "\n"
+
+
+def write_triton_repository(bundle_dir: str | Path, out: str | Path, gallery: str | Path | None = None,
+                            max_batch: int = 16, instances: int = 1, shortlist: int = 100,
+                            bundle_path: str | None = None, gallery_path: str | None = None) -> Path:
+    """Write the repository to ``out`` (atomically). ``gallery`` adds the two search models;
+    ``bundle_path``/``gallery_path`` are those directories as the Triton host sees them (default:
+    their absolute paths here)."""
+    bundle = open_bundle(bundle_dir)
+    engines = bundle.manifest.get("engines", {}).get("files", {})
+    if gallery is not None and not (Path(gallery) / "gallery.json").is_file():
+        raise TritonExportError(f"{gallery}: not a gallery (no gallery.json); build one with fbnet-serve-cli index")
+    with atomic_dir(Path(out)) as tmp:
+        for graph, spec in bundle.manifest["graphs"].items():
+            name = GRAPH_MODEL.format(graph=graph)
+            (tmp / name / "1").mkdir(parents=True)
+            shutil.copy(bundle.root / spec["file"], tmp / name / "1" / "model.onnx")
+            (tmp / name / "config.pbtxt").write_text(graph_config(name, spec, "onnxruntime_onnx", max_batch, instances))
+            if graph in engines:
+                trt = name + "_trt"
+                (tmp / trt / "1").mkdir(parents=True)
+                shutil.copy(bundle.root / engines[graph], tmp / trt / "1" / "model.plan")
+                (tmp / trt / "config.pbtxt").write_text(graph_config(trt, spec, "tensorrt_plan", max_batch, instances))
+        if gallery is not None:
+            for kind in ("text", "image"):
+                name = f"fbnet_search_{kind}"
+                (tmp / name / "1").mkdir(parents=True)
+                (tmp / name / "1" / "model.py").write_text(MODEL_PY)
+                (tmp / name / "config.pbtxt").write_text(search_config(
+                    name, kind, Path(bundle_path or Path(bundle_dir).resolve()),
+                    Path(gallery_path or Path(gallery).resolve()), bool(engines), max_batch, shortlist))
+    return Path(out)
