@@ -3,6 +3,9 @@
 
     python benchmarks/serving.py                      # default model: runs/synth-seed0/best.pt
 
+``baseline@45f67f6`` (in the default ``--servers``) also loads the server as it was before the
+micro-batching rewrite (``http.server``, one lock around the model calls), text queries only.
+
 Each server runs as its own process (``fbnet-serve-cli serve`` / ``fbnet-serve-cli triton`` from
 the PyTriton environment), warmed, then loaded by asyncio clients in this process, each on its own
 keep-alive connection sending requests back to back for ``--seconds`` per cell. Text queries are
@@ -20,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import struct
@@ -28,6 +32,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 from fbnet.checkpoint import load_checkpoint
 from fbnet.data.manifest import load_dataset
@@ -65,11 +71,14 @@ def triton_request(kind: str, payload: bytes | str) -> bytes:
             "Content-Type: application/octet-stream\r\n\r\n").encode() + body
 
 
-async def read_response(reader) -> tuple[int, bytes]:
+async def read_response(reader) -> tuple[int, bool]:
+    """(status, whether the server keeps the connection open); the body is read and dropped."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     match = re.search(rb"(?i)content-length:\s*(\d+)", head)
-    return status, await reader.readexactly(int(match.group(1)) if match else 0)
+    await reader.readexactly(int(match.group(1)) if match else 0)
+    closes = head.startswith(b"HTTP/1.0") or re.search(rb"(?i)connection:\s*close", head) is not None
+    return status, not closes
 
 
 # -- load -------------------------------------------------------------------------------------------
@@ -82,8 +91,11 @@ async def one_client(port: int, requests: list[bytes], offset: int, stop_at: flo
                 conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
             conn[1].write(requests[i % len(requests)])
             await conn[1].drain()
-            status, _ = await asyncio.wait_for(read_response(conn[0]), 60)
+            status, keep = await asyncio.wait_for(read_response(conn[0]), 60)
             out.append((status, time.perf_counter() - t0))
+            if not keep:  # HTTP/1.0 servers (the baseline) close after each answer
+                conn[1].close()
+                conn = None
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.LimitOverrunError) as exc:
             out.append((type(exc).__name__, time.perf_counter() - t0))
             if conn is not None:
@@ -164,6 +176,58 @@ def start_triton(bundle: Path, gallery: Path, port: int, work: Path) -> Server:
     return Server(cmd, port, f"http://127.0.0.1:{port}/v2/models/fbnet_search_image/ready")
 
 
+def start_baseline(ref: str, bundle: Path, gallery: Path, port: int, work: Path) -> Server:
+    """The server as it was at git ``ref`` (the standard library's ``http.server``, one lock, no
+    batching), run from a ``git archive`` of that commit laid out as the package installs it."""
+    src = work / f"baseline-{ref}"
+    if not src.is_dir():
+        tmp = work / f"baseline-{ref}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "fbnet", "export", "runtime"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        for sub in ("export", "runtime"):  # package-dir: export/ -> fbnet.export, runtime/ -> fbnet.runtime
+            (tmp / sub).rename(tmp / "fbnet" / sub)
+        tmp.rename(src)
+    cmd = [sys.executable, "-m", "fbnet.runtime.cli", "serve", "--bundle", str(bundle), "--gallery", str(gallery),
+           "--port", str(port), "--quiet"]
+    return Server(cmd, port, f"http://127.0.0.1:{port}/health", env={**os.environ, "PYTHONPATH": str(src)})
+
+
+# -- where a query's time goes ----------------------------------------------------------------------
+def stage_profile(bundle_dir: Path, gallery, captions: list[str], repeats: int = 20) -> list[tuple]:
+    """Median ms of each stage of text search, for one query and for a batch of 8, in this process."""
+    from fbnet.runtime.backends import select_backend
+    from fbnet.runtime.retriever import Retriever
+    from fbnet.runtime.search import pooled_texts
+    from fbnet.runtime.service import SearchService, TextQuery
+
+    from common import timeit
+
+    bundle = open_bundle(bundle_dir)
+    retriever = Retriever(bundle, select_backend(bundle, "onnxruntime"))
+    service = SearchService(retriever, gallery, 100)
+    service.warm()
+    stage = service.searcher.image_stage
+    rows = []
+    for n in (1, 8):
+        caps = captions[:n]
+        feats = retriever.encode_texts(caps)
+        _, cand = stage.top(pooled_texts(feats), 100)
+        shortlists = [gallery.image_features.take(np.sort(c)) for c in cand]
+        rerank = lambda: [retriever.score(im, feats.take(slice(q, q + 1))) for q, im in enumerate(shortlists)]  # noqa: E731
+        t = {"encode captions": timeit(lambda: retriever.encode_texts(caps), repeats, 2)["median"],
+             "first stage (FAISS, 10k)": timeit(lambda: stage.top(pooled_texts(feats), 100), repeats, 2)["median"],
+             "gather shortlists": timeit(lambda: [gallery.image_features.take(np.sort(c)) for c in cand],
+                                         repeats, 2)["median"],
+             "re-rank 100 x 1 per query": timeit(rerank, repeats, 2)["median"],
+             "whole batch (SearchService)": timeit(lambda: service.search_texts([TextQuery(c) for c in caps]),
+                                                   repeats, 2)["median"]}
+        rows += [(name, n, ms) for name, ms in t.items()]
+    return rows
+
+
 # -- report -----------------------------------------------------------------------------------------
 def measure(server: Server, name: str, make, queries: dict, clients: list[int], seconds: float) -> list[dict]:
     rows = []
@@ -198,15 +262,15 @@ def verdicts(rows: list[dict], name: str) -> list[str]:
     return out
 
 
-def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bundle) -> str:
+def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bundle, profile: list) -> str:
     lines = ["## Serving under load", "",
              f"`python benchmarks/serving.py` ({time.strftime('%Y-%m-%d')}; {machine()}). One run; each cell "
              f"is {seconds:g} s of back-to-back requests per client on keep-alive connections, load generator "
              f"(asyncio, one process) on the same 2 cores. Gallery: {items:,} images and {items:,} captions of "
              f"the default model's shapes (d = {bundle.model['embed_dim']}, J = {bundle.model['max_boxes']}), "
              "two-stage search, top 5 of a shortlist of 100, ONNX Runtime on the CPU. Built-in server: "
-             "`fbnet-serve-cli serve` (uvicorn + Starlette, one micro-batching worker, max batch 16, max wait "
-             "0). Triton: `fbnet-serve-cli triton` (PyTriton 0.7 / Triton 2.51, dynamic batcher max batch 16, "
+             "`fbnet-serve-cli serve` (uvicorn + Starlette, one micro-batching worker, max batch 64, max wait "
+             "0). Triton: `fbnet-serve-cli triton` (PyTriton 0.7 / Triton 2.51, dynamic batcher max batch 64, "
              "KServe v2 HTTP with binary tensors).", "",
              "| server | query | clients | req/s | p50 ms | p99 ms | errors | RSS at rest MB | RSS under load MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
@@ -218,9 +282,38 @@ def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bu
         lines += ["", "HTTP stack of the built-in server (text queries, 8 clients, same run):", "",
                   "| uvicorn HTTP parser | req/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {s['server']} | {s['rps']:.1f} | {s['p50']:.1f} | {s['p99']:.1f} |" for s in stacks]
+    if profile:
+        ms = {(name, n): v for name, n, v in profile}
+        lines += ["", "Where a text query's time goes (in-process, no HTTP; median ms, same run):", "",
+                  "| stage | 1 query | batch of 8 | per query in the batch |", "| --- | ---: | ---: | ---: |"]
+        for name in dict.fromkeys(name for name, _, _ in profile):
+            lines.append(f"| {name} | {ms[name, 1]:.2f} | {ms[name, 8]:.2f} | {ms[name, 8] / 8:.2f} |")
     names = sorted({r["server"] for r in rows})
     lines += ["", "Targets (text queries):", ""] + [v for n in names for v in verdicts(rows, n)]
+    if profile:
+        lines += ["", cause(ms)]
     return "\n".join(lines) + "\n"
+
+
+def cause(ms: dict) -> str:
+    """Why concurrency cannot buy 2.5x on this machine, from the stage profile of the same run."""
+    whole1, rerank1 = ms["whole batch (SearchService)", 1], ms["re-rank 100 x 1 per query", 1]
+    whole8, rerank8 = ms["whole batch (SearchService)", 8] / 8, ms["re-rank 100 x 1 per query", 8] / 8
+    shared = whole8 - rerank8
+    return (f"**Cause of the scaling shortfall.** Re-ranking (the fused cross-attention score of the 100 "
+            f"shortlisted images for one caption) takes {rerank1:.1f} of the {whole1:.1f} ms a lone query costs "
+            f"in-process, and still {rerank8:.1f} ms per query in a batch of 8: it is arithmetic, linear in the "
+            f"pairs scored, and uses both cores already (ONNX Runtime's intra-op threads), so no batching can "
+            f"share it. Batching shares the rest: encoding, the first stage and the Python per call fall from "
+            f"{whole1 - rerank1:.1f} ms to {shared:.1f} ms a query. With re-ranking at {rerank8:.1f} ms a query "
+            f"the worker cannot pass about {1000 / whole8:.0f} queries/s on these 2 cores, {whole1 / whole8:.2f}x a "
+            f"lone query, before HTTP. The 2.5x target needs a cheaper re-rank. For one caption against 100 "
+            f"images the scorer builds every image's K x K Gram matrix of blocks (eq. 14's attended-image "
+            f"lengths; 36 x 36 x d for F-Net level 3), about three times the pair work itself. Building the "
+            f"attended vectors directly when a call has few captions, skipping padded box slots (a dynamic "
+            f"box axis), INT8, or a GPU would cut it, and these belong to the scorer issue. More cores help "
+            f"directly: the worker's ONNX Runtime sessions use every core. Triton adds its own cost: a second "
+            f"process, protobuf/JSON conversion, and the PyTriton proxy's ZeroMQ hop per batch.")
 
 
 def main() -> None:
@@ -230,7 +323,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--clients", default="1,8,32,128")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--servers", default="builtin,triton")
+    ap.add_argument("--servers", default="builtin,triton,baseline@45f67f6",
+                    help="builtin, triton, baseline@GIT_REF (the server as it was at that commit)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-serving")
     ap.add_argument("--port", type=int, default=18080)
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -250,6 +344,9 @@ def main() -> None:
     gallery = synthetic_gallery(bundle, args.items, args.work, image_files=[Path(i.image) for i in test])
     queries = {"text": [i.captions[0] for i in test][:200], "image": [Path(i.image).read_bytes() for i in test][:50]}
     clients = [int(c) for c in args.clients.split(",")]
+    profile = stage_profile(args.bundle, gallery, queries["text"])
+    for name, n, ms in profile:
+        print(f"{name:30s} {n} {ms:8.2f} ms", flush=True)
     rows, stacks = [], []
     for name in args.servers.split(","):
         if name == "builtin":
@@ -262,14 +359,23 @@ def main() -> None:
                     stacks.append({**r, "server": http})
                 finally:
                     server.stop()
+        elif name.startswith("baseline@"):
+            ref = name.split("@", 1)[1]
+            server = start_baseline(ref, args.bundle, gallery.root, args.port + 20, args.work)
+            try:
+                rows += measure(server, f"before: http.server ({ref})", builtin_request, {"text": queries["text"]},
+                                clients, args.seconds)
+            finally:
+                server.stop()
         elif name == "triton":
             server = start_triton(args.bundle, gallery.root, args.port + 10, args.work)
             try:
                 rows += measure(server, "Triton (PyTriton)", triton_request, queries, clients, args.seconds)
             finally:
                 server.stop()
-    write_section(args.out, "## Serving under load", section(rows, stacks, args.items, args.seconds, bundle))
-    (args.work / "serving.json").write_text(json.dumps({"rows": rows, "stacks": stacks}, indent=1))
+    write_section(args.out, "## Serving under load", section(rows, stacks, args.items, args.seconds, bundle, profile))
+    (args.work / "serving.json").write_text(json.dumps({"rows": rows, "stacks": stacks, "profile": profile},
+                                                       indent=1))
     print(f"wrote {args.out}")
 
 

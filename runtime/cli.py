@@ -111,7 +111,7 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
 @click.option("--shortlist", default=DEFAULT_SHORTLIST, show_default=True,
               help="default two-stage re-ranking depth (0 = exhaustive); a request may override it")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--max-batch", default=16, show_default=True, help="queries per inference call")
+@click.option("--max-batch", default=64, show_default=True, help="queries per inference call")
 @click.option("--max-wait-ms", default=0.0, show_default=True,
               help="how long a batch waits for more queries (0: takes what is already queued)")
 @click.option("--max-queue", default=256, show_default=True, help="queued queries before 503 + Retry-After")
@@ -149,7 +149,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
 @click.option("--metrics-port", default=8002, show_default=True)
 @click.option("--shortlist", default=DEFAULT_SHORTLIST, show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--max-batch", default=16, show_default=True, help="Triton dynamic batcher's max_batch_size")
+@click.option("--max-batch", default=64, show_default=True, help="Triton dynamic batcher's max_batch_size")
 @click.option("--max-wait-us", default=0, show_default=True, help="its max_queue_delay_microseconds")
 @click.option("--log-file", type=click.Path(), help="Triton's own log (default: standard output)")
 def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,

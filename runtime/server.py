@@ -4,7 +4,7 @@ worker (:mod:`fbnet.runtime.batching`), Prometheus metrics and a search page.
 ::
 
     fbnet-serve-cli serve --bundle B --gallery G [--host 127.0.0.1] [--port 8080]
-                          [--max-batch 16] [--max-wait-ms 0] [--max-queue 256]
+                          [--max-batch 64] [--max-wait-ms 0] [--max-queue 256]
 
 ======================  ==================================================================
 ``GET /``               the search page (type a caption, or drop an image)
@@ -64,7 +64,7 @@ ROUTES = ("/", "/health", "/ready", "/metrics", "/search/text", "/search/image")
 class ServeConfig:
     """Limits of the server (Triton's dynamic batcher has the first two under the same names)."""
 
-    max_batch: int = 16            #: queries per inference call
+    max_batch: int = 64            #: queries per inference call
     max_wait_ms: float = 0.0       #: how long a batch waits for more queries (0: takes what is queued)
     max_queue: int = 256           #: queued queries before 503
     max_body: int = 20 * 1024 * 1024

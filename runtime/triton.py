@@ -154,7 +154,7 @@ class TritonPythonModel:
 
 # -- PyTriton ---------------------------------------------------------------------------------------
 def serve_pytriton(service: SearchService, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
-                   metrics_port: int = 8002, max_batch: int = 16, max_wait_us: int = 0, log_file: str | None = None):
+                   metrics_port: int = 8002, max_batch: int = 64, max_wait_us: int = 0, log_file: str | None = None):
     """Start Triton (PyTriton) serving ``fbnet_search_text`` and ``fbnet_search_image`` and return the
     running ``Triton`` object (``.stop()`` ends it). Needs ``nvidia-pytriton`` (numpy < 2: see
     ``constraints-pytriton.txt``)."""
