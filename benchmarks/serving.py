@@ -10,8 +10,8 @@ Each server runs as its own process (``fbnet-serve-cli serve`` / ``fbnet-serve-c
 the PyTriton environment), warmed, then loaded by asyncio clients in this process, each on its own
 keep-alive connection sending requests back to back for ``--seconds`` per cell. Text queries are
 captions of the dataset's test split; image queries are its test images' file bytes. The gallery
-is synthetic features of the bundle's shapes (10,000 images and 10,000 captions; image paths are
-real files so the page works). Server RSS is read from /proc (Triton: the PyTriton process plus
+is synthetic float32 features of the bundle's shapes (10,000 images and 10,000 captions; float32 as
+``index`` writes by default; image paths are real files so the page works). Server RSS is read from /proc (Triton: the PyTriton process plus
 ``tritonserver`` and its Python-backend stub). Writes the "Serving under load" section of
 BENCHMARKS.md. The load generator shares the 2 cores with the server; nothing else should run.
 """
@@ -221,7 +221,7 @@ def stage_profile(bundle_dir: Path, gallery, captions: list[str], repeats: int =
              "first stage (FAISS, 10k)": timeit(lambda: stage.top(pooled_texts(feats), 100), repeats, 2)["median"],
              "gather shortlists": timeit(lambda: [gallery.image_features.take(np.sort(c)) for c in cand],
                                          repeats, 2)["median"],
-             "re-rank 100 x 1 per query": timeit(rerank, repeats, 2)["median"],
+             "re-rank 100 x 1 per query (reranker.onnx)": timeit(rerank, repeats, 2)["median"],
              "whole batch (SearchService)": timeit(lambda: service.search_texts([TextQuery(c) for c in caps]),
                                                    repeats, 2)["median"]}
         rows += [(name, n, ms) for name, ms in t.items()]
@@ -267,7 +267,7 @@ def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bu
              f"`python benchmarks/serving.py` ({time.strftime('%Y-%m-%d')}; {machine()}). One run; each cell "
              f"is {seconds:g} s of back-to-back requests per client on keep-alive connections, load generator "
              f"(asyncio, one process) on the same 2 cores. Gallery: {items:,} images and {items:,} captions of "
-             f"the default model's shapes (d = {bundle.model['embed_dim']}, J = {bundle.model['max_boxes']}), "
+             f"the default model's shapes (d = {bundle.model['embed_dim']}, J = {bundle.model['max_boxes']}, float32), "
              "two-stage search, top 5 of a shortlist of 100, ONNX Runtime on the CPU. Built-in server: "
              "`fbnet-serve-cli serve` (uvicorn + Starlette, one micro-batching worker, max batch 64, max wait "
              "0). Triton: `fbnet-serve-cli triton` (PyTriton 0.7 / Triton 2.51, dynamic batcher max batch 64, "
@@ -297,23 +297,21 @@ def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bu
 
 def cause(ms: dict) -> str:
     """Why concurrency cannot buy 2.5x on this machine, from the stage profile of the same run."""
-    whole1, rerank1 = ms["whole batch (SearchService)", 1], ms["re-rank 100 x 1 per query", 1]
-    whole8, rerank8 = ms["whole batch (SearchService)", 8] / 8, ms["re-rank 100 x 1 per query", 8] / 8
+    whole1, rerank1 = ms["whole batch (SearchService)", 1], ms["re-rank 100 x 1 per query (reranker.onnx)", 1]
+    whole8, rerank8 = ms["whole batch (SearchService)", 8] / 8, ms["re-rank 100 x 1 per query (reranker.onnx)", 8] / 8
     shared = whole8 - rerank8
     return (f"**Cause of the scaling shortfall.** Re-ranking (the fused cross-attention score of the 100 "
-            f"shortlisted images for one caption) takes {rerank1:.1f} of the {whole1:.1f} ms a lone query costs "
-            f"in-process, and still {rerank8:.1f} ms per query in a batch of 8: it is arithmetic, linear in the "
-            f"pairs scored, and uses both cores already (ONNX Runtime's intra-op threads), so no batching can "
-            f"share it. Batching shares the rest: encoding, the first stage and the Python per call fall from "
-            f"{whole1 - rerank1:.1f} ms to {shared:.1f} ms a query. With re-ranking at {rerank8:.1f} ms a query "
-            f"the worker cannot pass about {1000 / whole8:.0f} queries/s on these 2 cores, {whole1 / whole8:.2f}x a "
-            f"lone query, before HTTP. The 2.5x target needs a cheaper re-rank. For one caption against 100 "
-            f"images the scorer builds every image's K x K Gram matrix of blocks (eq. 14's attended-image "
-            f"lengths; 36 x 36 x d for F-Net level 3), about three times the pair work itself. Building the "
-            f"attended vectors directly when a call has few captions, skipping padded box slots (a dynamic "
-            f"box axis), INT8, or a GPU would cut it, and these belong to the scorer issue. More cores help "
-            f"directly: the worker's ONNX Runtime sessions use every core. Triton adds its own cost: a second "
-            f"process, protobuf/JSON conversion, and the PyTriton proxy's ZeroMQ hop per batch.")
+            f"shortlisted images for one caption, `reranker.onnx`) takes {rerank1:.1f} of the {whole1:.1f} ms a "
+            f"lone query costs in-process, and still {rerank8:.1f} ms per query in a batch of 8. It is arithmetic, "
+            f"linear in the pairs scored, and already runs on both cores (ONNX Runtime's intra-op threads), so "
+            f"batching cannot share it. Batching shares the rest: encoding, the first stage, the gather and the "
+            f"Python per call fall from {whole1 - rerank1:.1f} ms to {shared:.1f} ms a query. The worker therefore "
+            f"tops out near {1000 / whole8:.0f} queries/s on these 2 cores, {whole1 / whole8:.2f}x a lone query, "
+            f"before HTTP, JSON and the load generator take their share of the same cores. Reaching 2.5x needs "
+            f"re-ranking to shrink or to batch. The levers: skipping padded box slots (a dynamic box axis; 1-4 of "
+            f"the J = 4 slots are real here), INT8, a GPU (where per-call overhead dominates and batching pays), "
+            f"or more cores (the sessions use every core). Triton adds its own cost: a second process, "
+            f"protobuf/JSON conversion, and the PyTriton proxy's ZeroMQ hop per batch.")
 
 
 def main() -> None:
@@ -341,7 +339,8 @@ def main() -> None:
     dataset = load_dataset(load_checkpoint(source)["data_root"])
     test = dataset.split(dataset.report_split)
     args.work.mkdir(parents=True, exist_ok=True)
-    gallery = synthetic_gallery(bundle, args.items, args.work, image_files=[Path(i.image) for i in test])
+    gallery = synthetic_gallery(bundle, args.items, args.work, dtype="float32",  # index's default
+                                image_files=[Path(i.image) for i in test])
     queries = {"text": [i.captions[0] for i in test][:200], "image": [Path(i.image).read_bytes() for i in test][:50]}
     clients = [int(c) for c in args.clients.split(",")]
     profile = stage_profile(args.bundle, gallery, queries["text"])

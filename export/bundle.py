@@ -3,7 +3,7 @@
 ::
 
     BUNDLE/
-      detector.onnx  image_encoder.onnx  text_encoder.onnx  scorer.onnx
+      detector.onnx  image_encoder.onnx  text_encoder.onnx  scorer.onnx  reranker.onnx
       vocab.json     manifest.json       [*.engine, timing.cache with --fp16 on a GPU host]
 
 ``manifest.json`` records the format version, each graph's inputs and outputs (shapes, dtypes,
@@ -85,6 +85,8 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
         "image_encoder": (image_graph, (images, block_boxes, fg_mask)),
         "text_encoder": (text_graph, (ids, lengths)),
         "scorer": (ScorerGraph(model, fusion).eval(), (fg_mask, *blocks, *windows)),
+        # few captions against many images (re-ranking a text query): checked on such a shape
+        "reranker": (ScorerGraph(model, fusion, "direct").eval(), (fg_mask, *blocks, *(w[:2] for w in windows))),
     }
     if detector is not None:
         graphs = {"detector": (DetectorGraph(detector).eval(), (images[:1],)), **graphs}

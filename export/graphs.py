@@ -1,4 +1,4 @@
-"""The four deployable graphs a checkpoint splits into, as torch modules ready for ONNX export.
+"""The deployable graphs a checkpoint splits into, as torch modules ready for ONNX export.
 
 * :class:`DetectorGraph`: ``image (1, 3, S, S)`` -> ``boxes (1, J, 4)``, ``scores (1, J)``: the
   top J detections with score >= threshold, zero-padded (post-processing inside the graph).
@@ -9,6 +9,9 @@
   branch and level, ``windows_B1`` ... ``windows_F3`` (the GRU runs on lengths; no packing).
 * :class:`ScorerGraph`: a batch of images' block embeddings + ``fg_mask`` x a batch of captions'
   window embeddings -> ``similarity (I, C)`` fused by eq. (7), and ``sim_B1`` ... ``sim_F3``.
+  Exported twice: ``scorer`` (image Gram matrices: many captions per call) and ``reranker``
+  (attended images built directly: the runtime's choice for one caption against a shortlist;
+  see :mod:`fbnet.models.attention`). Same inputs, outputs and values.
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ class TextEncoderGraph(nn.Module):
 class ScorerGraph(nn.Module):
     """Inputs: ``fg_mask`` then, per key, the blocks; then, per key, the windows."""
 
-    def __init__(self, model: FBNet, fusion: Fusion):
+    def __init__(self, model: FBNet, fusion: Fusion, attended_images: str = "gram"):
         super().__init__()
-        self.model, self.fusion = model, fusion
+        self.model, self.fusion, self.attended_images = model, fusion, attended_images
 
     def forward(self, fg_mask: torch.Tensor, *tensors: torch.Tensor):
         keys = self.model.keys
@@ -80,7 +83,7 @@ class ScorerGraph(nn.Module):
             else:
                 mask = fg_mask.to(b.dtype).repeat_interleave(blocks_per_level(level), dim=1)
             images[key] = (b, mask)
-        sims = self.model.similarities(images, dict(zip(keys, windows)))
+        sims = self.model.similarities(images, dict(zip(keys, windows)), self.attended_images)
         return (fuse(sims, self.fusion), *(sims[k] for k in keys))
 
 
@@ -90,6 +93,10 @@ def graph_io(model: FBNet, max_boxes: int) -> dict[str, dict]:
     blocks = [key_name("blocks", *k) for k in keys]
     windows = [key_name("windows", *k) for k in keys]
     sims = [key_name("sim", *k) for k in keys]
+    scorer = {"inputs": ["fg_mask", *blocks, *windows], "outputs": ["similarity", *sims],
+              "dynamic": {"fg_mask": {0: "images"}, **{n: {0: "images"} for n in blocks},
+                          **{n: {0: "captions"} for n in windows},
+                          **{n: {0: "images", 1: "captions"} for n in ["similarity", *sims]}}}
     return {
         "detector": {"inputs": ["image"], "outputs": ["boxes", "scores"], "dynamic": {}},
         "image_encoder": {"inputs": ["image", "block_boxes", "fg_mask"], "outputs": blocks,
@@ -97,8 +104,6 @@ def graph_io(model: FBNet, max_boxes: int) -> dict[str, dict]:
         "text_encoder": {"inputs": ["ids", "lengths"], "outputs": windows,
                          "dynamic": {"ids": {0: "captions", 1: "words"}, "lengths": {0: "captions"},
                                      **{n: {0: "captions"} for n in windows}}},
-        "scorer": {"inputs": ["fg_mask", *blocks, *windows], "outputs": ["similarity", *sims],
-                   "dynamic": {"fg_mask": {0: "images"}, **{n: {0: "images"} for n in blocks},
-                               **{n: {0: "captions"} for n in windows},
-                               **{n: {0: "images", 1: "captions"} for n in ["similarity", *sims]}}},
+        "scorer": scorer,
+        "reranker": scorer,
     }

@@ -7,6 +7,7 @@
       fbnet_image_encoder/  config.pbtxt  1/model.onnx     dynamic batching over images
       fbnet_text_encoder/   config.pbtxt  1/model.onnx     dynamic batching over captions
       fbnet_scorer/         config.pbtxt  1/model.onnx     images x captions (two free axes: no batcher)
+      fbnet_reranker/       config.pbtxt  1/model.onnx     the same scores for few captions (re-ranking)
       fbnet_<graph>_trt/    config.pbtxt  1/model.plan     tensorrt_plan, when the bundle has engines
       fbnet_search_text/    config.pbtxt  1/model.py       Python backend: two-stage search (BLS)
       fbnet_search_image/   config.pbtxt  1/model.py

@@ -63,6 +63,9 @@ class Retriever:
         self.keys = bundle.keys
         m = bundle.model
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
+        #: windows M and blocks K of the largest key (level 3 of F-Net, or of B-Net without it)
+        self.max_windows = self.levels ** 2
+        self.max_blocks = self.max_windows * (self.max_boxes if "foreground" in m["branches"] else 1)
 
     # -- images -------------------------------------------------------------------------
     def detect(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +114,8 @@ class Retriever:
             feeds = {"fg_mask": f32(im.fg_mask)}
             feeds.update({f"blocks_{k}": f32(im.blocks[k]) for k in self.keys})
             feeds.update({f"windows_{k}": f32(tx.windows[k]) for k in self.keys})
-            out = self.backend.run("scorer", feeds)
+            few = (csl.stop - csl.start) * self.max_windows < self.max_blocks
+            out = self.backend.run("reranker" if few and self.bundle.graph("reranker") else "scorer", feeds)
             fused[isl, csl] = out[0]
             if per_key:
                 for k, s in zip(self.keys, out[1:]):

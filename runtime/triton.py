@@ -2,7 +2,7 @@
 
 Two ways in, sharing the request format and the conversion below:
 
-* **Model repository** (``fbnet export --triton REPO``, :mod:`fbnet.export.triton`): the four graphs
+* **Model repository** (``fbnet export --triton REPO``, :mod:`fbnet.export.triton`): the bundle's graphs
   as ``onnxruntime_onnx`` (and ``tensorrt_plan``) models, and ``fbnet_search_text`` /
   ``fbnet_search_image`` as Python-backend models (:class:`TritonPythonModel`). Those run the
   two-stage search with :class:`BLSBackend`, whose ``run(graph, feeds)`` is a BLS call to the graph's

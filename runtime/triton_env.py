@@ -6,8 +6,8 @@ Triton serving gets a virtual environment of its own, pinned by ``constraints-py
     fbnet-serve-cli triton-env [DIR]          # build (or reuse) it; prints its python
     DIR/bin/fbnet-serve-cli triton --bundle B --gallery G --http-port 8000
 
-It holds this checkout of fbnet (``--no-deps``: no torch) and the ``pytriton`` extra. Built once
-per constraints file (a stamp records its hash); an interrupted build is redone.
+It holds this checkout of fbnet (editable, ``--no-deps``: no torch) and the ``pytriton`` extra.
+Built once per checkout and constraints file (a stamp records both); an interrupted build is redone.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ class TritonEnvError(RuntimeError):
 
 
 def default_dir() -> Path:
+    """One environment per checkout (it holds that checkout's fbnet, installed editable)."""
     home = Path(os.environ.get("FBNET_HOME", Path.home() / ".cache" / "fbnet"))
-    return home / "pytriton-env"
+    return home / f"pytriton-env-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:10]}"
 
 
 def _requirements() -> list[str]:
@@ -48,7 +49,7 @@ def build(target: Path | None = None, log=print) -> Path:
     target = Path(target or default_dir())
     python = target / "bin" / "python"
     requirements = _requirements()
-    stamp_value = hashlib.sha256(CONSTRAINTS.read_bytes() + "\n".join(requirements).encode()).hexdigest()
+    stamp_value = hashlib.sha256(CONSTRAINTS.read_bytes() + "\n".join([str(ROOT), *requirements]).encode()).hexdigest()
     stamp = target / ".fbnet-stamp"
     if python.is_file() and stamp.is_file() and stamp.read_text() == stamp_value:
         return python

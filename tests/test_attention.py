@@ -12,10 +12,13 @@ def test_batched_cross_attention_matches_the_per_pair_loop():
     mask[3, 1:] = 0
     blocks = blocks * mask.unsqueeze(-1)
     windows = F.normalize(torch.randn(7, 4, 16), dim=-1)
-    fast = cross_attention(blocks, mask, windows, 4.0, 9.0)
     slow = pairwise_reference(blocks, mask, windows, 4.0, 9.0)
-    assert fast.shape == (5, 7)
-    assert torch.allclose(fast, slow, atol=1e-5), (fast - slow).abs().max()
+    for attended in ("gram", "direct"):
+        fast = cross_attention(blocks, mask, windows, 4.0, 9.0, attended)
+        assert fast.shape == (5, 7)
+        assert torch.allclose(fast, slow, atol=1e-5), (attended, (fast - slow).abs().max())
+    one = cross_attention(blocks, mask, windows[2:3], 4.0, 9.0, "direct")  # re-ranking: one caption
+    assert torch.allclose(one[:, 0], slow[:, 2], atol=1e-5)
 
 
 def test_identical_units_score_the_maximum():

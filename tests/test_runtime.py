@@ -30,7 +30,7 @@ def serve(*args, block_torch=True):
 
 def test_bundle_files_manifest_and_checker(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
-    for name in ("detector.onnx", "image_encoder.onnx", "text_encoder.onnx", "scorer.onnx", "vocab.json"):
+    for name in ("detector.onnx", "image_encoder.onnx", "text_encoder.onnx", "scorer.onnx", "reranker.onnx", "vocab.json"):
         assert (bundle / name).is_file() and len(manifest["files"][name]) == 64
         if name.endswith(".onnx"):
             onnx.checker.check_model(onnx.load(str(bundle / name)), full_check=True)

@@ -50,3 +50,25 @@ def test_short_shortlist_reranks_the_first_stage_candidates(served):
     assert np.allclose(hits.score, full[hits.index], atol=1e-5)  # the fused score, not the first stage's
     best = cand[0][np.argsort(-full[cand[0]], kind="stable")[:3]]
     assert np.array_equal(hits.index, best)
+
+
+def test_one_caption_rerank_runs_the_reranker_graph_with_the_scorers_values(served):
+    retriever, g, _ = served
+    texts = retriever.encode_texts(["a big red circle on grass", "two small blue squares", "a green triangle",
+                                    "a yellow star", "a purple cross"])
+    used, run = [], retriever.backend.run
+
+    def spy(graph, feeds):
+        used.append(graph)
+        return run(graph, feeds)
+
+    retriever.backend.run = spy
+    try:
+        many = retriever.score(g.image_features, texts)  # 5 captions x 9 windows >= 36 blocks: scorer
+        assert set(used) == {"scorer"}
+        used.clear()
+        one = retriever.score(g.image_features, texts.take(slice(1, 2)))  # one caption: reranker
+        assert set(used) == {"reranker"}
+    finally:
+        retriever.backend.run = run
+    assert np.allclose(one[:, 0], many[:, 1], atol=1e-5)

@@ -98,9 +98,10 @@ class FBNet(nn.Module):
                 out[(branch, u)] = F.normalize(text_windows(words, lengths, blocks_per_level(u)), dim=-1)
         return out
 
-    def similarities(self, images: dict, texts: dict) -> dict[tuple[str, int], torch.Tensor]:
+    def similarities(self, images: dict, texts: dict, attended_images: str = "gram") -> dict[tuple[str, int], torch.Tensor]:
         """The six (at most) similarity matrices ``(I, C)`` of eqs. (13)-(15)."""
         return {
-            key: cross_attention(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2)
+            key: cross_attention(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2,
+                                 attended_images)
             for key in self.keys
         }
