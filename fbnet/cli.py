@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -173,10 +174,15 @@ def evaluate_cmd(checkpoint, split, data_dir, out):
 @click.option("--gallery", type=click.Path(file_okay=False, path_type=Path),
               help="with --triton: add the two-stage search models over this gallery")
 @click.option("--triton-max-batch", default=16, show_default=True, help="with --triton: max_batch_size")
-def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, triton_max_batch):
+@click.option("--int8", is_flag=True, help="quantize the detector and image encoder to INT8 (CPU serving)")
+@click.option("--calibration-images", default=64, show_default=True,
+              help="with --int8: training images to calibrate on")
+def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, triton_max_batch, int8,
+               calibration_images):
     """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory."""
     from fbnet.export.bundle import build_bundle_engines, export_bundle
     from fbnet.export.onnx_export import ExportError
+    from fbnet.export.quantize import QuantizeError
     from fbnet.export.triton import TritonExportError, write_triton_repository
     from fbnet.runtime.bundle import BundleError
     from fbnet.runtime.gallery import GalleryError
@@ -187,19 +193,28 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
             click.echo(f"built {len(engines)} engines in {source}")
             return
         if (source / "manifest.json").is_file():  # already a bundle
-            if triton_repo is None:
-                raise click.UsageError("SOURCE is a bundle: give --triton REPO (or --engines-only)")
+            if triton_repo is None and not int8:
+                raise click.UsageError("SOURCE is a bundle: give --triton REPO, --int8 or --engines-only")
             out = source
         elif out is None:
             raise click.UsageError("give --out BUNDLE")
         else:
             export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
             click.echo(f"wrote bundle {out}")
+        if int8:
+            from fbnet.checkpoint import load_checkpoint
+            from fbnet.data.manifest import load_dataset
+            from fbnet.export.quantize import quantize_bundle
+
+            ckpt = load_checkpoint(json.loads((out / "manifest.json").read_text())["source_checkpoint"]["path"])
+            train = load_dataset(ckpt["data_root"]).split("train")[:calibration_images]
+            click.echo(f"quantizing to INT8, calibrated on {len(train)} training images")
+            quantize_bundle(out, [it.image for it in train], log=click.echo)
         if triton_repo is not None:
             write_triton_repository(out, triton_repo, gallery, max_batch=triton_max_batch)
             click.echo(f"wrote Triton model repository {triton_repo}" +
                        ("" if gallery else " (graphs only; --gallery G adds the search models)"))
-    except (ExportError, TritonExportError, BundleError, GalleryError) as exc:
+    except (ExportError, TritonExportError, BundleError, GalleryError, QuantizeError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -3,7 +3,8 @@
 The PyTorch side recomputes block features in float32 (the training cache holds float16) and
 scores with the checkpoint's model; the runtime side decodes the same image files and chains the
 bundle's graphs on the chosen backend. Both score matrices go through the same metrics. Parity
-holds when |MAP difference| <= 0.005 (float32 backends) or 0.01 (float16 engines).
+holds when |MAP difference| <= 0.005 (float32 backends), 0.01 (float16 engines) or 0.02 (a bundle
+with INT8 graphs, ``fbnet export --int8``); the report lists every MAP and R@K change.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .metrics import RECALL_KS, retrieval_report
 from .models.fbnet import fuse
 from .pipeline import Captions, frozen_from_checkpoint, score_split
 
-TOLERANCE = {False: 0.005, True: 0.01}
+TOLERANCE = {"float32": 0.005, "float16": 0.01, "int8": 0.02}
 
 
 def top_k_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
@@ -55,17 +56,19 @@ def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto
     args = (caps.image, caps.image_labels, caps.labels)
     ref, got = retrieval_report(torch_scores, *args), retrieval_report(runtime_scores, *args)
     primary = ref["primary"]
-    half = retriever.backend.half
+    quantized = bundle.manifest.get("quantization")
+    precision = "int8" if quantized else "float16" if retriever.backend.half else "float32"
     result = {
         "split": split, "images": len(items), "captions": len(captions),
-        "backend": retriever.backend.name, "precision": "float16" if half else "float32",
+        "backend": retriever.backend.name,
+        "precision": f"int8 {'+'.join(quantized['graphs'])}, float32 others" if quantized else precision,
         "primary": primary,
         "pytorch": _headline(ref), "runtime": _headline(got),
         "map_diff": got[primary]["map"] - ref[primary]["map"],
         "top10_agreement_i2t": top_k_agreement(torch_scores, runtime_scores),
         "top10_agreement_t2i": top_k_agreement(torch_scores.T, runtime_scores.T),
         "max_score_diff": float(np.abs(torch_scores - runtime_scores).max()),
-        "tolerance": TOLERANCE[half],
+        "tolerance": TOLERANCE[precision],
     }
     result["passed"] = abs(result["map_diff"]) <= result["tolerance"]
     return result

@@ -74,14 +74,17 @@ class Retriever:
         boxes, scores = self.backend.run("detector", {"image": canvas[None]})
         return boxes[0], scores[0]
 
-    def encode_canvases(self, canvases: np.ndarray) -> ImageFeatures:
+    def image_encoder_feeds(self, canvases: np.ndarray) -> dict[str, np.ndarray]:
+        """Detect, then lay both branches' window boxes: the ``image_encoder`` inputs for ``canvases``."""
         size = canvases.shape[-1]
         per = [image_block_boxes(size, *self.detect(c), self.levels, self.max_boxes) for c in canvases]
-        block_boxes = np.stack([p[0] for p in per]).astype(np.float32)
-        fg_mask = np.stack([p[1] for p in per]).astype(np.float32)
-        outs = self.backend.run("image_encoder", {"image": canvases.astype(np.float32),
-                                                  "block_boxes": block_boxes, "fg_mask": fg_mask})
-        return ImageFeatures(dict(zip(self.keys, outs)), fg_mask)
+        return {"image": canvases.astype(np.float32), "block_boxes": np.stack([p[0] for p in per]).astype(np.float32),
+                "fg_mask": np.stack([p[1] for p in per]).astype(np.float32)}
+
+    def encode_canvases(self, canvases: np.ndarray) -> ImageFeatures:
+        feeds = self.image_encoder_feeds(canvases)
+        outs = self.backend.run("image_encoder", feeds)
+        return ImageFeatures(dict(zip(self.keys, outs)), feeds["fg_mask"])
 
     def encode_images(self, paths: list[str | Path]) -> ImageFeatures:
         parts = []

@@ -1,0 +1,86 @@
+"""INT8 graphs for CPU serving (``fbnet export --int8``): ONNX Runtime static quantization.
+
+The detector and the image encoder (the cost of an image query) are quantized to QDQ form:
+int8 weights per output channel, uint8 activations, their ranges calibrated (min/max) on
+training images run through the float bundle's own chain: the detector's inputs are the decoded
+canvases, the image encoder's the same canvases with the window boxes laid from the float
+detector's detections (:meth:`Retriever.image_encoder_feeds`). Only ``Conv``, ``MatMul`` and
+``Gemm`` are quantized; box post-processing and RoIAlign stay float. The text encoder (a GRU) and
+the scorers stay float32: ORT's static quantization does not cover the GRU op, and the scorer's
+cosines are what ranks.
+
+The quantized graphs are written beside the float ones (``<graph>.int8.onnx``); the manifest
+points the graph at them (``file``), keeps ``float_file``, and records how they were made under
+``quantization``. ``fbnet parity`` then reports the MAP and R@K change against PyTorch float32.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fbnet.atomic import atomic_write_text
+from fbnet.preprocess import load_image
+from fbnet.runtime.backends import OnnxRuntimeBackend
+from fbnet.runtime.bundle import open_bundle, sha256
+from fbnet.runtime.retriever import Retriever
+
+INT8_GRAPHS = ("detector", "image_encoder")
+
+
+class QuantizeError(ValueError):
+    """The bundle cannot be quantized; the message says why."""
+
+
+def calibration_feeds(retriever: Retriever, images: list[Path], batch: int = 8) -> dict[str, list[dict]]:
+    """Inputs of each quantized graph for the calibration images, from the float graphs."""
+    canvases = np.stack([load_image(p, retriever.bundle.canvas) for p in images])
+    feeds = {"detector": [{"image": c[None]} for c in canvases]} if retriever.bundle.graph("detector") else {}
+    feeds["image_encoder"] = [retriever.image_encoder_feeds(canvases[i: i + batch])
+                              for i in range(0, len(canvases), batch)]
+    return feeds
+
+
+def quantize_bundle(bundle_dir: str | Path, images: list[Path], log=print) -> dict:
+    """Quantize the bundle's detector and image encoder in place; returns the manifest's record."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds: list[dict]):
+            self._feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    if not images:
+        raise QuantizeError("no calibration images: INT8 needs training images to calibrate on")
+    bundle = open_bundle(bundle_dir)
+    manifest = bundle.manifest
+    if manifest.get("quantization"):
+        raise QuantizeError(f"{bundle.root}: already quantized ({manifest['quantization']['graphs']})")
+    feeds = calibration_feeds(Retriever(bundle, OnnxRuntimeBackend(bundle)), images)
+    done = []
+    for graph, graph_feeds in feeds.items():
+        spec = manifest["graphs"][graph]
+        source, target = bundle.root / spec["file"], bundle.root / f"{graph}.int8.onnx"
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(target), Reader(graph_feeds), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        spec["float_file"], spec["file"] = spec["file"], target.name
+        manifest["files"][target.name] = sha256(target)
+        log(f"  {target.name:24s} {source.stat().st_size / 1e6:6.1f} MB -> {target.stat().st_size / 1e6:6.1f} MB")
+        done.append(graph)
+    manifest["quantization"] = {"graphs": done, "format": "QDQ", "weights": "int8, per channel",
+                                "activations": "uint8", "ops": ["Conv", "MatMul", "Gemm"],
+                                "calibration": {"method": "minmax", "images": len(images),
+                                                "first": str(images[0])}}
+    manifest["precision"] = f"int8 {', '.join(done)}; float32 others"
+    atomic_write_text(bundle.root / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest["quantization"]
