@@ -106,12 +106,12 @@ class SearchServer:
             log.error("loading failed: %s", self.load_error)
             self._loaded.set()
             return
-        self.service = service
         c = self.config
         self.batcher = MicroBatcher({"text": service.search_texts, "image": service.search_images},
                                     c.max_batch, c.max_wait_ms, c.max_queue,
                                     on_batch=lambda kind, n: self.metrics.batch_size.labels(kind).observe(n))
         self.batcher.start()
+        self.service = service  # requests are accepted from here on: the worker is running
         self._loaded.set()
         log.info("ready: %s", json.dumps(service.info()))
 
