@@ -18,6 +18,7 @@ Queries use two-stage search (:mod:`fbnet.runtime.search`; ``--exhaustive`` scor
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -116,11 +117,13 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
               help="how long a batch waits for more queries (0: takes what is already queued)")
 @click.option("--max-queue", default=256, show_default=True, help="queued queries before 503 + Retry-After")
 @click.option("--max-pixels", default=40_000_000, show_default=True, help="declared image pixels before 413")
+@click.option("--rerank-lanes", default=os.cpu_count() or 1, show_default="cores",
+              help="re-rank a batch's queries in parallel on this many one-thread sessions (ONNX Runtime CPU)")
 @click.option("--http", type=click.Choice(["auto", "httptools", "h11"]), default="auto", show_default=True,
               help="uvicorn's HTTP parser")
 @click.option("--quiet", is_flag=True, help="do not log each request")
 def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wait_ms, max_queue, max_pixels,
-              http, quiet):
+              rerank_lanes, http, quiet):
     """Serve text and image queries over HTTP + JSON, with a search page at /."""
     import logging
 
@@ -130,7 +133,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retriever = _retriever(bundle, backend)
     g = Gallery(gallery, retriever.bundle)  # a bad gallery fails here, before the port opens
-    server = SearchServer(lambda: SearchService(retriever, g, shortlist),
+    server = SearchServer(lambda: SearchService(retriever, g, shortlist, rerank_lanes),
                           ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                       max_pixels=max_pixels))
     sock = listen(host, port)
@@ -151,9 +154,11 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--max-batch", default=64, show_default=True, help="Triton dynamic batcher's max_batch_size")
 @click.option("--max-wait-us", default=0, show_default=True, help="its max_queue_delay_microseconds")
+@click.option("--rerank-lanes", default=os.cpu_count() or 1, show_default="cores",
+              help="re-rank a batch's queries in parallel on this many one-thread sessions (ONNX Runtime CPU)")
 @click.option("--log-file", type=click.Path(), help="Triton's own log (default: standard output)")
 def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,
-               max_wait_us, log_file):
+               max_wait_us, rerank_lanes, log_file):
     """Serve the search through Triton Inference Server (PyTriton; see `triton-env`)."""
     import signal
     import threading
@@ -161,7 +166,7 @@ def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortl
     from .triton import serve_pytriton
 
     retriever = _retriever(bundle, backend)
-    service = SearchService(retriever, Gallery(gallery, retriever.bundle), shortlist)
+    service = SearchService(retriever, Gallery(gallery, retriever.bundle), shortlist, rerank_lanes)
     service.warm()
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):

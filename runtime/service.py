@@ -16,6 +16,7 @@ import numpy as np
 
 from fbnet.vocab import tokenize
 
+from .backends import OnnxRuntimeBackend
 from .gallery import Gallery
 from .retriever import QueryError, Retriever
 from .search import Searcher, hits_json
@@ -39,9 +40,16 @@ class ImageQuery:
 class SearchService:
     """Text and image queries against one gallery. Not thread-safe: one worker calls it."""
 
-    def __init__(self, retriever: Retriever, gallery: Gallery, shortlist: int):
+    def __init__(self, retriever: Retriever, gallery: Gallery, shortlist: int, rerank_lanes: int = 0):
+        """``rerank_lanes`` > 1: re-rank a batch's queries in parallel on that many single-threaded
+        ONNX Runtime sessions (:class:`Searcher`); needs the ONNX Runtime CPU backend."""
         self.retriever, self.gallery = retriever, gallery
-        self.searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist)
+        lanes = []
+        if rerank_lanes > 1 and isinstance(retriever.backend, OnnxRuntimeBackend) \
+                and retriever.backend.providers[0] == "CPUExecutionProvider":
+            lanes = [Retriever(retriever.bundle, OnnxRuntimeBackend(retriever.bundle, threads=1))
+                     for _ in range(rerank_lanes)]
+        self.searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist, lanes=lanes)
 
     @property
     def backend(self) -> str:
@@ -49,17 +57,18 @@ class SearchService:
 
     def warm(self) -> None:
         """Create every session and both first stages now, so the first real query pays neither."""
+        n = max(2, len(self.searcher.lanes))  # a batch: every re-rank lane too
         if self.gallery.images:
-            self.search_texts([TextQuery("warm up", 1)])
+            self.search_texts([TextQuery("warm up", 1)] * n)
         if self.gallery.captions:
             size = self.retriever.bundle.canvas
-            self.search_images([ImageQuery(np.zeros((3, size, size), np.float32), 1)])
+            self.search_images([ImageQuery(np.zeros((3, size, size), np.float32), 1)] * n)
 
     def info(self) -> dict:
         stage = self.searcher.image_stage or self.searcher.text_stage
         return {"backend": self.backend, "images": len(self.gallery.images),
                 "captions": len(self.gallery.captions), "shortlist": self.searcher.shortlist,
-                "first_stage": stage.backend if stage else None}
+                "first_stage": stage.backend if stage else None, "rerank_lanes": len(self.searcher.lanes)}
 
     def search_texts(self, queries: list[TextQuery]) -> list[dict | Exception]:
         """Rank the gallery's images for each caption."""

@@ -86,7 +86,8 @@ def test_batcher_waits_up_to_max_wait_for_more():
 # -- batched search equals one query at a time -----------------------------------------------------
 def test_batched_search_equals_one_at_a_time(served, gallery_inputs):
     retriever, g, _ = served
-    service = SearchService(retriever, g, shortlist=4)
+    service = SearchService(retriever, g, shortlist=4, rerank_lanes=2)  # a batch's re-ranks run in parallel
+    assert len(service.searcher.lanes) == 2
     texts = [TextQuery("a big red circle on grass", 3), TextQuery("two small blue squares", 5, 0),
              TextQuery("   ", 3), TextQuery("a green triangle", 2, 8), TextQuery("a yellow star", 4)]
     batched = service.search_texts(texts)
