@@ -52,7 +52,7 @@ from fbnet.runtime.gallery import Gallery, build_gallery
 from fbnet.runtime.retriever import Retriever, pair_chunks
 from fbnet.runtime.search import Searcher
 
-from common import ROOT, machine, timeit, write_section
+from common import ROOT, machine, timeit, wait_http, write_section
 from galleries import key_shapes, synthetic, synthetic_gallery
 
 
@@ -336,6 +336,7 @@ def coldstart_section(bundle_dir: Path, gallery_dir: Path, image_path: Path, rep
     try:
         t0 = time.perf_counter()
         url = proc.stderr.readline().split(" on ")[1].split()[0]
+        wait_http(url + "/ready")  # the port opens first; sessions and gallery load behind it
         ready = time.perf_counter() - t0
         body = image_path.read_bytes()
 

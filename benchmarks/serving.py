@@ -30,7 +30,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from fbnet.data.manifest import load_dataset
 from fbnet.runtime.bundle import open_bundle
 from fbnet.runtime.triton_env import build as build_triton_env
 
-from common import ROOT, machine, write_section
+from common import ROOT, machine, wait_http, write_section
 from galleries import synthetic_gallery
 
 TARGET_SCALING, TARGET_P99_MS = 2.5, 150.0
@@ -137,18 +136,6 @@ def rss_mb(root_pid: int) -> float:
     except OSError:
         return 0.0
     return total + sum(rss_mb(int(c)) for c in children)
-
-
-def wait_http(url: str, seconds: float = 180) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready within {seconds} s")
 
 
 class Server:

@@ -28,9 +28,6 @@ from fbnet.runtime.backends import OnnxRuntimeBackend
 from fbnet.runtime.bundle import open_bundle, sha256
 from fbnet.runtime.retriever import Retriever
 
-INT8_GRAPHS = ("detector", "image_encoder")
-
-
 class QuantizeError(ValueError):
     """The bundle cannot be quantized; the message says why."""
 

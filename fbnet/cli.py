@@ -182,7 +182,7 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
     """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory."""
     from fbnet.export.bundle import build_bundle_engines, export_bundle
     from fbnet.export.onnx_export import ExportError
-    from fbnet.export.quantize import QuantizeError
+    from fbnet.export.quantize import QuantizeError, quantize_bundle
     from fbnet.export.triton import TritonExportError, write_triton_repository
     from fbnet.runtime.bundle import BundleError
     from fbnet.runtime.gallery import GalleryError
@@ -204,7 +204,6 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
         if int8:
             from fbnet.checkpoint import load_checkpoint
             from fbnet.data.manifest import load_dataset
-            from fbnet.export.quantize import quantize_bundle
 
             ckpt = load_checkpoint(json.loads((out / "manifest.json").read_text())["source_checkpoint"]["path"])
             train = load_dataset(ckpt["data_root"]).split("train")[:calibration_images]

@@ -15,6 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: declared pixels above which a served upload is refused before decoding (40 MP)
+MAX_PIXELS = 40_000_000
 
 
 class ImageError(ValueError):

@@ -25,7 +25,7 @@ import warnings
 
 import click
 
-from fbnet.preprocess import ImageError
+from fbnet.preprocess import MAX_PIXELS, ImageError
 
 from .backends import BACKENDS, BackendUnavailable, select_backend
 from .bundle import BundleError, open_bundle
@@ -104,6 +104,11 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
             click.echo(f"  {hit['rank']:2d}. {hit['score']:7.4f}  {hit[r['returns']]}")
 
 
+RERANK_LANES = click.option(
+    "--rerank-lanes", default=os.cpu_count() or 1, show_default="cores",
+    help="re-rank a batch's queries in parallel on this many one-thread sessions (ONNX Runtime CPU)")
+
+
 @click.command("serve")
 @click.option("--bundle", required=True, type=click.Path())
 @click.option("--gallery", required=True, type=click.Path())
@@ -116,9 +121,8 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
 @click.option("--max-wait-ms", default=0.0, show_default=True,
               help="how long a batch waits for more queries (0: takes what is already queued)")
 @click.option("--max-queue", default=256, show_default=True, help="queued queries before 503 + Retry-After")
-@click.option("--max-pixels", default=40_000_000, show_default=True, help="declared image pixels before 413")
-@click.option("--rerank-lanes", default=os.cpu_count() or 1, show_default="cores",
-              help="re-rank a batch's queries in parallel on this many one-thread sessions (ONNX Runtime CPU)")
+@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, help="declared image pixels before 413")
+@RERANK_LANES
 @click.option("--http", type=click.Choice(["auto", "httptools", "h11"]), default="auto", show_default=True,
               help="uvicorn's HTTP parser")
 @click.option("--quiet", is_flag=True, help="do not log each request")
@@ -154,8 +158,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--max-batch", default=64, show_default=True, help="Triton dynamic batcher's max_batch_size")
 @click.option("--max-wait-us", default=0, show_default=True, help="its max_queue_delay_microseconds")
-@click.option("--rerank-lanes", default=os.cpu_count() or 1, show_default="cores",
-              help="re-rank a batch's queries in parallel on this many one-thread sessions (ONNX Runtime CPU)")
+@RERANK_LANES
 @click.option("--log-file", type=click.Path(), help="Triton's own log (default: standard output)")
 def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,
                max_wait_us, rerank_lanes, log_file):

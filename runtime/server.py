@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from fbnet.preprocess import ImageError, ImageTooLarge, load_image
+from fbnet.preprocess import MAX_PIXELS, ImageError, ImageTooLarge, load_image
 
 from .batching import MicroBatcher, QueueFull
 from .metrics import ServerMetrics
@@ -68,7 +68,7 @@ class ServeConfig:
     max_wait_ms: float = 0.0       #: how long a batch waits for more queries (0: takes what is queued)
     max_queue: int = 256           #: queued queries before 503
     max_body: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000   #: declared image pixels before 413
+    max_pixels: int = MAX_PIXELS   #: declared image pixels before 413
     body_timeout: float = 10.0     #: seconds to receive a body before 408
     request_timeout: float = 30.0  #: seconds from submit to answer before 504
     decode_threads: int = 2        #: image decodes at once (outside the inference worker)

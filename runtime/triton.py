@@ -25,7 +25,7 @@ import sysconfig
 
 import numpy as np
 
-from fbnet.preprocess import ImageError, load_image
+from fbnet.preprocess import MAX_PIXELS, ImageError, load_image
 
 from .retriever import QueryError
 from .service import ImageQuery, SearchService, TextQuery
@@ -47,8 +47,9 @@ def batch_axis(spec: dict) -> str | None:
 
 
 # -- requests and answers ---------------------------------------------------------------------------
-def parse_rows(kind: str, tensors: dict[str, np.ndarray], canvas: int, max_pixels: int | None = None) -> list:
-    """One query (or the exception that makes it unusable) per row of a request's tensors."""
+def parse_rows(kind: str, tensors: dict[str, np.ndarray], canvas: int, max_pixels: int = MAX_PIXELS) -> list:
+    """One query (or the exception that makes it unusable) per row of a request's tensors; an image
+    declaring over ``max_pixels`` is refused from its header, as the built-in server does."""
     rows = np.asarray(tensors[kind]).reshape(len(tensors[kind]), -1)[:, 0]
     top_k = _column(tensors.get("top_k"), len(rows), 5)
     shortlist = _column(tensors.get("shortlist"), len(rows), -1)
