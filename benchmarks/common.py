@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -64,3 +66,20 @@ def wait_http(url: str, seconds: float = 180) -> None:
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{url} not ready within {seconds} s")
+
+
+def source_at(ref: str, work: Path) -> Path:
+    """The package as it was at git ``ref``, from a ``git archive`` laid out as it installs
+    (``export/`` -> ``fbnet.export``, ``runtime/`` -> ``fbnet.runtime``): put it on PYTHONPATH."""
+    src = work / f"baseline-{ref}"
+    if not src.is_dir():
+        tmp = work / f"baseline-{ref}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "fbnet", "export", "runtime"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        for sub in ("export", "runtime"):
+            (tmp / sub).rename(tmp / "fbnet" / sub)
+        tmp.rename(src)
+    return src

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import struct
@@ -39,7 +38,7 @@ from fbnet.data.manifest import load_dataset
 from fbnet.runtime.bundle import open_bundle
 from fbnet.runtime.triton_env import build as build_triton_env
 
-from common import ROOT, machine, wait_http, write_section
+from common import ROOT, machine, source_at, wait_http, write_section
 from galleries import synthetic_gallery
 
 TARGET_SCALING, TARGET_P99_MS = 2.5, 150.0
@@ -165,18 +164,8 @@ def start_triton(bundle: Path, gallery: Path, port: int, work: Path) -> Server:
 
 def start_baseline(ref: str, bundle: Path, gallery: Path, port: int, work: Path) -> Server:
     """The server as it was at git ``ref`` (the standard library's ``http.server``, one lock, no
-    batching), run from a ``git archive`` of that commit laid out as the package installs it."""
-    src = work / f"baseline-{ref}"
-    if not src.is_dir():
-        tmp = work / f"baseline-{ref}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "fbnet", "export", "runtime"],
-                                 capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
-        for sub in ("export", "runtime"):  # package-dir: export/ -> fbnet.export, runtime/ -> fbnet.runtime
-            (tmp / sub).rename(tmp / "fbnet" / sub)
-        tmp.rename(src)
+    batching)."""
+    src = source_at(ref, work)
     cmd = [sys.executable, "-m", "fbnet.runtime.cli", "serve", "--bundle", str(bundle), "--gallery", str(gallery),
            "--port", str(port), "--quiet"]
     return Server(cmd, port, f"http://127.0.0.1:{port}/health", env={**os.environ, "PYTHONPATH": str(src)})

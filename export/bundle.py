@@ -34,6 +34,7 @@ from fbnet.windows import image_block_boxes
 
 from .graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph, graph_io, key_name
 from .onnx_export import DEFAULT_OPSET, ExportError, compare, export_graph, input_specs, output_specs
+from .ort_optimize import save_optimized
 from .tensorrt import build_engines, tensorrt_status
 
 BUNDLE_KIND = "fbnet-bundle"
@@ -105,12 +106,13 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
             checks[name] = check.to_json()
             specs[name] = {"file": path.name, "inputs": input_specs(path), "outputs": output_specs(path),
                            "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec["dynamic"].items()}}
+            specs[name]["ort_optimized"] = save_optimized(tmp, name, specs[name])
         vocab.save(tmp / "vocab.json")
         engines, note = {}, "not requested (use --fp16 on a GPU host with TensorRT)"
         if fp16:
             ok, why = tensorrt_status()
             if ok:
-                engines = build_engines(tmp, specs, fp16=True, log=log)
+                engines = build_engines(tmp, specs, cfg.model.detector.max_boxes, fp16=True, log=log)
                 note = "built"
             else:
                 note = (f"not built: {why}. The ONNX bundle is complete; build the engines later on a GPU "
@@ -151,7 +153,7 @@ def build_bundle_engines(bundle: str | Path, fp16: bool = True, log=print) -> di
     ok, why = tensorrt_status()
     if not ok:
         raise ExportError(f"cannot build TensorRT engines here: {why}")
-    engines = build_engines(bundle, manifest["graphs"], fp16=fp16, log=log)
+    engines = build_engines(bundle, manifest["graphs"], manifest["model"]["max_boxes"], fp16=fp16, log=log)
     manifest["engines"] = {"status": "built", "files": engines}
     manifest["precision"] = "float32 graphs" + (", float16 TensorRT engines" if fp16 else ", float32 engines")
     manifest["files"] = {p.name: sha256(p) for p in sorted(bundle.iterdir())

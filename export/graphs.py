@@ -9,6 +9,8 @@
   branch and level, ``windows_B1`` ... ``windows_F3`` (the GRU runs on lengths; no packing).
 * :class:`ScorerGraph`: a batch of images' block embeddings + ``fg_mask`` x a batch of captions'
   window embeddings -> ``similarity (I, C)`` fused by eq. (7), and ``sim_B1`` ... ``sim_F3``.
+  The box axis is dynamic (``boxes``; ``box_blocks_<u>`` = u**2 boxes for F-Net's blocks), so the
+  runtime feeds images grouped by box count without padded slots.
   Exported twice: ``scorer`` (image Gram matrices: many captions per call) and ``reranker``
   (attended images built directly: the runtime's choice for one caption against a shortlist;
   see :mod:`fbnet.models.attention`). Same inputs, outputs and values.
@@ -51,7 +53,7 @@ class ImageEncoderGraph(nn.Module):
     def forward(self, image: torch.Tensor, block_boxes: torch.Tensor, fg_mask: torch.Tensor):
         n = image.shape[0]
         feats = self.encoder(image, block_boxes).reshape(n, 1 + self.j, blocks_upto(self.model.levels), -1)
-        enc = self.model.encode_images(feats[:, 0], feats[:, 1:], fg_mask)
+        enc = self.model.encode_images(feats[:, 0], feats[:, 1:], fg_mask, static_shapes=True)
         return tuple(enc[k][0] for k in self.model.keys)
 
 
@@ -61,7 +63,7 @@ class TextEncoderGraph(nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor):
-        enc = self.model.encode_texts(ids, lengths)
+        enc = self.model.encode_texts(ids, lengths, static_shapes=True)
         return tuple(enc[k] for k in self.model.keys)
 
 
@@ -83,7 +85,7 @@ class ScorerGraph(nn.Module):
             else:
                 mask = fg_mask.to(b.dtype).repeat_interleave(blocks_per_level(level), dim=1)
             images[key] = (b, mask)
-        sims = self.model.similarities(images, dict(zip(keys, windows)), self.attended_images)
+        sims = self.model.similarities(images, dict(zip(keys, windows)), self.attended_images, static_shapes=True)
         return (fuse(sims, self.fusion), *(sims[k] for k in keys))
 
 
@@ -93,8 +95,12 @@ def graph_io(model: FBNet, max_boxes: int) -> dict[str, dict]:
     blocks = [key_name("blocks", *k) for k in keys]
     windows = [key_name("windows", *k) for k in keys]
     sims = [key_name("sim", *k) for k in keys]
+    # the box axis is dynamic too: the runtime scores gallery chunks grouped by box count, each
+    # cut to its count (F-Net level u has u**2 blocks a box: axis "box_blocks_<u>")
+    box_axis = {key_name("blocks", b, u): f"box_blocks_{u}" for b, u in keys if b == "foreground"}
     scorer = {"inputs": ["fg_mask", *blocks, *windows], "outputs": ["similarity", *sims],
-              "dynamic": {"fg_mask": {0: "images"}, **{n: {0: "images"} for n in blocks},
+              "dynamic": {"fg_mask": {0: "images", 1: "boxes"},
+                          **{n: {0: "images", **({1: box_axis[n]} if n in box_axis else {})} for n in blocks},
                           **{n: {0: "captions"} for n in windows},
                           **{n: {0: "images", 1: "captions"} for n in ["similarity", *sims]}}}
     return {

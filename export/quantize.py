@@ -28,6 +28,9 @@ from fbnet.runtime.backends import OnnxRuntimeBackend
 from fbnet.runtime.bundle import open_bundle, sha256
 from fbnet.runtime.retriever import Retriever
 
+from .ort_optimize import save_optimized
+
+
 class QuantizeError(ValueError):
     """The bundle cannot be quantized; the message says why."""
 
@@ -71,7 +74,9 @@ def quantize_bundle(bundle_dir: str | Path, images: list[Path], log=print) -> di
                             op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         spec["float_file"], spec["file"] = spec["file"], target.name
-        manifest["files"][target.name] = sha256(target)
+        spec["ort_optimized"] = save_optimized(bundle.root, f"{graph}.int8", spec)
+        for made in (target.name, spec["ort_optimized"]["file"]):
+            manifest["files"][made] = sha256(bundle.root / made)
         log(f"  {target.name:24s} {source.stat().st_size / 1e6:6.1f} MB -> {target.stat().st_size / 1e6:6.1f} MB")
         done.append(graph)
     manifest["quantization"] = {"graphs": done, "format": "QDQ", "weights": "int8, per channel",

@@ -15,8 +15,16 @@ from pathlib import Path
 
 from fbnet.runtime.engine_tags import engine_name, gpu_compute_capability
 
-#: min / opt / max extents for each named dynamic axis.
+#: min / opt / max extents for each named dynamic axis; the box axes come from the bundle's J
+#: (:func:`box_profile`).
 PROFILE = {"images": (1, 8, 64), "captions": (1, 128, 1024), "words": (1, 16, 64)}
+
+
+def box_profile(max_boxes: int) -> dict[str, tuple[int, int, int]]:
+    """Profile extents of the scorer's box axes: 1 to J boxes (opt: a third of J, near the mean
+    box count on Flickr8k), ``box_blocks_<u>`` = u**2 times as many blocks."""
+    lo, opt, hi = 1, max(1, round(max_boxes / 3)), max_boxes
+    return {"boxes": (lo, opt, hi), **{f"box_blocks_{u}": (u * u * lo, u * u * opt, u * u * hi) for u in (1, 2, 3)}}
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -30,7 +38,8 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-def build_engines(bundle: Path, graphs: dict[str, dict], fp16: bool = True, log=print) -> dict[str, str]:
+def build_engines(bundle: Path, graphs: dict[str, dict], max_boxes: int, fp16: bool = True,
+                  log=print) -> dict[str, str]:
     """Build an engine for every ``graphs[name]['file']`` in ``bundle``; return name -> engine file."""
     import tensorrt as trt
 
@@ -53,7 +62,7 @@ def build_engines(bundle: Path, graphs: dict[str, dict], fp16: bool = True, log=
         config.set_timing_cache(cache, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
         for inp in spec["inputs"]:
-            shapes = profile_shapes(inp["shape"])
+            shapes = profile_shapes(inp["shape"], max_boxes)
             if shapes is not None:
                 profile.set_shape(inp["name"], *shapes)
         config.add_optimization_profile(profile)
@@ -68,13 +77,14 @@ def build_engines(bundle: Path, graphs: dict[str, dict], fp16: bool = True, log=
     return built
 
 
-def profile_shapes(shape: list) -> tuple[tuple, tuple, tuple] | None:
+def profile_shapes(shape: list, max_boxes: int) -> tuple[tuple, tuple, tuple] | None:
     """(min, opt, max) for an input whose shape names dynamic axes; None when it is static."""
     if all(isinstance(d, int) and d > 0 for d in shape):
         return None
+    extents = {**PROFILE, **box_profile(max_boxes)}
     lo, opt, hi = ([], [], [])
     for d in shape:
-        a, b, c = PROFILE.get(d, (1, 1, 1)) if isinstance(d, str) else (d, d, d)
+        a, b, c = extents.get(d, (1, 1, 1)) if isinstance(d, str) else (d, d, d)
         lo.append(a)
         opt.append(b)
         hi.append(c)

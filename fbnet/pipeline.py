@@ -104,10 +104,11 @@ class Captions:
 def score_split(model: FBNet, feats: SplitFeatures, caps: Captions, chunk: int = 256):
     """Per-(branch, level) similarity matrices ``(images, captions)`` as float32 numpy arrays."""
     model.eval()
+    device = next(model.parameters()).device
     n_img, n_cap = feats.background.shape[0], len(caps.lengths)
     texts = {}
     for start in range(0, n_cap, chunk):
-        enc = model.encode_texts(*caps.tensors(slice(start, start + chunk)))
+        enc = model.encode_texts(*(t.to(device) for t in caps.tensors(slice(start, start + chunk))))
         for key, v in enc.items():
             texts.setdefault(key, []).append(v)
     texts = {k: torch.cat(v) for k, v in texts.items()}
@@ -115,10 +116,10 @@ def score_split(model: FBNet, feats: SplitFeatures, caps: Captions, chunk: int =
     img_chunk = max(1, chunk // 4)
     for start in range(0, n_img, img_chunk):
         sl = slice(start, min(start + img_chunk, n_img))
-        images = model.encode_images(*feats.tensors(sl))
+        images = model.encode_images(*(t.to(device) for t in feats.tensors(sl)))
         for cs in range(0, n_cap, chunk):
             csl = slice(cs, min(cs + chunk, n_cap))
             part = {k: texts[k][csl] for k in model.keys}
             for key, s in model.similarities(images, part).items():
-                out[key][sl, csl] = s.numpy()
+                out[key][sl, csl] = s.cpu().numpy()
     return out

@@ -4,7 +4,9 @@
 2. Extract and cache the frozen block features of every split.
 3. Epochs over random mini-batches of (image, caption) pairs: the loss (DSAW or triplet) of
    every (branch, level) similarity matrix, summed; validation MAP after each epoch; the best
-   epoch kept (``best.pt``), the latest one too (``last.pt``, for ``--resume``).
+   epoch kept (``best.pt``), the latest one too (``last.pt``, for ``--resume``); the learning
+   rate scaled by ``train.plateau_decay`` after an epoch without a better validation MAP, and
+   early stopping after ``train.patience`` such epochs in a row.
 4. Choose the fusion weights of eq. (7) on the validation split from the grid and store them in
    ``best.pt`` (the CLI then evaluates the test split, or the validation split when the dataset
    has no test split, as the shared Flickr8k has none).
@@ -34,6 +36,7 @@ from .losses import pair_loss
 from .metrics import retrieval_report
 from .models.detector import finetune
 from .models.fbnet import FBNet, Fusion, fuse
+from .features import SplitFeatures
 from .pipeline import Captions, build_frozen, feature_cache, score_split, split_features
 from .preprocess import load_image
 from .vocab import Vocabulary
@@ -91,6 +94,8 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     model = FBNet(cfg.model, len(vocab), encoder.out_dim)
     if state is None and cfg.data.word_vectors:
         _init_word_vectors(model, vocab, cfg.data.word_vectors, echo)
+    device = training_device(tc.device)
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, start_epoch = [], -1.0, 0
     if state is not None:
@@ -99,7 +104,6 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         torch.set_rng_state(state["torch_rng"])
 
-    loss_fn = pair_loss(cfg.loss)
     common = {"config": cfg.to_dict(), "vocab": vocab.to_json(), "encoder": encoder.state_dict(),
               "detector": detector.state_dict() if detector is not None else None,
               "feature_dim": encoder.out_dim, "classes": dataset.classes,
@@ -109,36 +113,33 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     n_pairs = len(train_caps.lengths)
     steps = math.ceil(n_pairs / tc.batch_size)
     for epoch in range(start_epoch, tc.epochs):
+        if tc.patience and epochs_since_best(history) >= tc.patience:
+            echo(f"early stop: no better validation MAP in the last {tc.patience} epochs "
+                 f"(best {best:.4f} at epoch {epoch - epochs_since_best(history)})")
+            log_event(out, event="early_stop", epoch=epoch, best=best)
+            break
         model.train()
         order = np.random.default_rng([tc.seed, epoch]).permutation(n_pairs)
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
         t0, total = time.time(), 0.0
         for step in bar:
             idx = np.sort(order[step * tc.batch_size: (step + 1) * tc.batch_size])
-            img_idx = train_caps.image[idx]
-            images = model.encode_images(*train_feats.tensors(img_idx))
-            texts = model.encode_texts(*train_caps.tensors(idx))
-            positive = torch.from_numpy(
-                (train_caps.labels[idx][:, None] == train_caps.labels[idx][None, :]) if labelled
-                else (img_idx[:, None] == img_idx[None, :]))
-            sims = model.similarities(images, texts)
-            loss = sum(loss_fn(s, positive, cfg.loss) for s in sims.values())
-            opt.zero_grad()
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            total += float(loss.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
+            loss = train_step(model, opt, cfg, train_feats, train_caps, idx)
+            total += loss
+            bar.set_postfix(loss=f"{loss:.4f}",
                             pairs_s=f"{(step + 1) * tc.batch_size / (time.time() - t0):.0f}")
         val = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk)
         val_map = val[val["primary"]]["map"]
-        record = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map,
+        record = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map, "lr": opt.param_groups[0]["lr"],
                   "val_rsum": val["instance"]["rsum"], "seconds": time.time() - t0}
         history.append(record)
         log_event(out, event="epoch", **record)
         improved = val_map > best
         best = max(best, val_map)
+        if not improved and tc.plateau_decay < 1.0:  # a plateau: smaller steps from here on
+            for group in opt.param_groups:
+                group["lr"] *= tc.plateau_decay
+            echo(f"no better validation MAP: learning rate x {tc.plateau_decay} -> {opt.param_groups[0]['lr']:.2e}")
         echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}  R@sum {record['val_rsum']:.1f}"
              f"{'  (best)' if improved else ''}  [{record['seconds']:.0f}s]")
         payload = {**common, "model": model.state_dict(), "epoch": epoch + 1, "history": history,
@@ -158,6 +159,50 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     save_checkpoint(out / "best.pt", {**best_ckpt, "fusion": vars(fusion), "val_metrics": _summary(val)})
     log_event(out, event="fusion", fusion=vars(fusion), val=_summary(val))
     return out / "best.pt", val_sims
+
+
+def train_step(model: FBNet, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: SplitFeatures,
+               caps: Captions, idx: np.ndarray) -> float:
+    """One optimisation step on the captions ``idx`` and their images: the loss of every
+    (branch, level) similarity matrix, summed (Algorithm 1); returns the loss."""
+    device = next(model.parameters()).device
+    img_idx = caps.image[idx]
+    # bfloat16: the encoders' matrix products (the Bi-GRUs, the block projections) run in bfloat16;
+    # the cross attention and the loss stay float32
+    with torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.precision == "bfloat16"):
+        images = model.encode_images(*(t.to(device) for t in feats.tensors(img_idx)))
+        texts = model.encode_texts(*(t.to(device) for t in caps.tensors(idx)))
+    images = {k: (b.float(), m.float()) for k, (b, m) in images.items()}
+    texts = {k: t.float() for k, t in texts.items()}
+    same = (caps.labels[idx][:, None] == caps.labels[idx][None, :]) if caps.labels is not None \
+        else (img_idx[:, None] == img_idx[None, :])
+    positive = torch.from_numpy(same).to(device)
+    loss_fn = pair_loss(cfg.loss)
+    loss = sum(loss_fn(s, positive, cfg.loss) for s in model.similarities(images, texts).values())
+    opt.zero_grad()
+    loss.backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+
+def training_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; ``auto`` is CUDA when a GPU is visible."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}); use train.device: cpu or auto")
+    return torch.device(name)
+
+
+def epochs_since_best(history: list[dict]) -> int:
+    """Epochs after the one with the best validation MAP (the first such epoch on ties)."""
+    if not history:
+        return 0
+    maps = [h["val_map"] for h in history]
+    return len(maps) - 1 - maps.index(max(maps))
 
 
 def _frozen_stages(cfg, dataset, out, n_box_classes, echo):

@@ -33,6 +33,15 @@ class Backend(Protocol):
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
+def optimized_file(spec: dict, onnxruntime_version: str) -> str:
+    """The file a CPU session should open: the saved optimised graph when it was made from the
+    graph's current file by this ONNX Runtime version, else the graph itself."""
+    opt = spec.get("ort_optimized")
+    if opt and opt["source"] == spec["file"] and opt["onnxruntime"] == onnxruntime_version:
+        return opt["file"]
+    return spec["file"]
+
+
 class OnnxRuntimeBackend:
     half = False
 
@@ -59,8 +68,12 @@ class OnnxRuntimeBackend:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self._threads:
                 opts.intra_op_num_threads = self._threads
+            # export's saved optimisations (fbnet.export.ort_optimize) serve CPU sessions of the same
+            # ONNX Runtime version; other providers and versions open the plain graph
+            cpu = self.providers[0] == "CPUExecutionProvider"
+            fname = optimized_file(spec, self._ort.__version__) if cpu else spec["file"]
             self._sessions[graph] = self._ort.InferenceSession(
-                str(self.bundle.root / spec["file"]), opts, providers=self.providers)
+                str(self.bundle.root / fname), opts, providers=self.providers)
         return self._sessions[graph]
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -38,6 +38,16 @@ class ImageFeatures:
     def take(self, index) -> "ImageFeatures":
         return ImageFeatures({k: v[index] for k, v in self.blocks.items()}, self.fg_mask[index])
 
+    def box_groups(self) -> list[tuple[np.ndarray, int]]:
+        """``(rows, box count)`` for each box count present (real boxes come first in ``fg_mask``)."""
+        counts = np.asarray(self.fg_mask, dtype=np.float32).sum(axis=1).astype(np.int64)
+        return [(np.flatnonzero(counts == n), max(1, int(n))) for n in np.unique(counts)]
+
+    def cut_boxes(self, n: int) -> "ImageFeatures":
+        """The first ``n`` box slots only: F-Net level u keeps ``n u**2`` blocks."""
+        blocks = {k: (v[:, : n * int(k[1:]) ** 2] if k.startswith("F") else v) for k, v in self.blocks.items()}
+        return ImageFeatures(blocks, self.fg_mask[:, :n])
+
 
 @dataclass
 class TextFeatures:
@@ -63,9 +73,8 @@ class Retriever:
         self.keys = bundle.keys
         m = bundle.model
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
-        #: windows M and blocks K of the largest key (level 3 of F-Net, or of B-Net without it)
+        #: windows M of the largest key (level 3)
         self.max_windows = self.levels ** 2
-        self.max_blocks = self.max_windows * (self.max_boxes if "foreground" in m["branches"] else 1)
 
     # -- images -------------------------------------------------------------------------
     def detect(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,24 +115,44 @@ class Retriever:
         return TextFeatures({k: np.concatenate([p.windows[k] for p in parts]) for k in self.keys})
 
     # -- scores -------------------------------------------------------------------------
+    @property
+    def dynamic_boxes(self) -> bool:
+        """Whether the scorer graphs take any box count (bundles before that take exactly J)."""
+        fg = next(i for i in self.bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask")
+        return isinstance(fg["shape"][1], str) and "F1" in self.keys
+
     def score(self, images: ImageFeatures, texts: TextFeatures, per_key: bool = False):
-        """Fused similarity ``(I, C)`` (eq. 7), and the per-key matrices when ``per_key``."""
+        """Fused similarity ``(I, C)`` (eq. 7), and the per-key matrices when ``per_key``. Images
+        go to the scorer grouped by box count, each group cut to its count, so padded box slots
+        cost nothing (exact: masked blocks never enter eqs. 13-15)."""
         n_img, n_cap = len(images), len(texts)
         fused = np.zeros((n_img, n_cap), np.float32)
         parts = {k: np.zeros((n_img, n_cap), np.float32) for k in self.keys} if per_key else None
+        groups = images.box_groups() if self.dynamic_boxes else [(slice(None), self.max_boxes)]
+        for rows, boxes in groups:
+            group = images.take(rows).cut_boxes(boxes) if self.dynamic_boxes else images
+            out = self._score_group(group, texts, boxes)
+            fused[rows] = out[0]
+            if per_key:
+                for k, s in zip(self.keys, out[1:]):
+                    parts[k][rows] = s
+        return (fused, parts) if per_key else fused
+
+    def _score_group(self, images: ImageFeatures, texts: TextFeatures, boxes: int) -> list[np.ndarray]:
+        n_img, n_cap = len(images), len(texts)
+        outs = [np.zeros((n_img, n_cap), np.float32) for _ in range(1 + len(self.keys))]
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
+        max_blocks = self.max_windows * (boxes if "F1" in self.keys else 1)  # K of the largest key
         for isl, csl in pair_chunks(n_img, n_cap, self.max_pairs, self.max_items):
             im, tx = images.take(isl), texts.take(csl)
             feeds = {"fg_mask": f32(im.fg_mask)}
             feeds.update({f"blocks_{k}": f32(im.blocks[k]) for k in self.keys})
             feeds.update({f"windows_{k}": f32(tx.windows[k]) for k in self.keys})
-            few = (csl.stop - csl.start) * self.max_windows < self.max_blocks
-            out = self.backend.run("reranker" if few and self.bundle.graph("reranker") else "scorer", feeds)
-            fused[isl, csl] = out[0]
-            if per_key:
-                for k, s in zip(self.keys, out[1:]):
-                    parts[k][isl, csl] = s
-        return (fused, parts) if per_key else fused
+            few = (csl.stop - csl.start) * self.max_windows < max_blocks
+            for o, got in zip(outs, self.backend.run("reranker" if few and self.bundle.graph("reranker") else "scorer",
+                                                     feeds)):
+                o[isl, csl] = got
+        return outs
 
 
 def pair_chunks(n_img: int, n_cap: int, max_pairs: int, max_items: int):

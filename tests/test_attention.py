@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from fbnet.models.attention import cross_attention, pairwise_reference
+from fbnet.models.attention import cross_attention, grouped_cross_attention, pairwise_reference
 
 
 def test_batched_cross_attention_matches_the_per_pair_loop():
@@ -19,6 +19,24 @@ def test_batched_cross_attention_matches_the_per_pair_loop():
         assert torch.allclose(fast, slow, atol=1e-5), (attended, (fast - slow).abs().max())
     one = cross_attention(blocks, mask, windows[2:3], 4.0, 9.0, "direct")  # re-ranking: one caption
     assert torch.allclose(one[:, 0], slow[:, 2], atol=1e-5)
+
+
+def test_grouped_scoring_skips_padding_exactly():
+    """Images grouped by their number of real blocks, each group cut to it: the per-pair loop's
+    scores, with padded and unpadded images, and gradients through the regrouping."""
+    torch.manual_seed(1)
+    counts = torch.tensor([9, 2, 5, 2, 9, 1])  # real blocks first, as F-Net's boxes
+    mask = (torch.arange(9)[None, :] < counts[:, None]).float()
+    blocks = (F.normalize(torch.randn(6, 9, 16), dim=-1) * mask.unsqueeze(-1)).requires_grad_(True)
+    windows = F.normalize(torch.randn(4, 4, 16), dim=-1)
+    slow = pairwise_reference(blocks.detach(), mask, windows, 4.0, 9.0)
+    grouped = grouped_cross_attention(blocks, mask, windows, 4.0, 9.0)
+    assert torch.allclose(grouped, slow, atol=1e-5), (grouped - slow).abs().max()
+    grouped.sum().backward()
+    assert blocks.grad[1, 2:].abs().sum() == 0 and blocks.grad[1, :2].abs().sum() > 0
+    full = torch.ones(6, 9)  # no padding: one call, same as the masked form
+    assert torch.allclose(grouped_cross_attention(blocks.detach(), full, windows, 4.0, 9.0),
+                          cross_attention(blocks.detach(), full, windows, 4.0, 9.0))
 
 
 def test_identical_units_score_the_maximum():

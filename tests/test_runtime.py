@@ -47,6 +47,56 @@ def test_bundle_files_manifest_and_checker(bundle):
     assert "GRU" in ops and "Loop" not in ops
 
 
+def test_scorer_box_axis_is_dynamic_and_grouping_is_exact(bundle):
+    """The scorer takes any box count: an image cut to its real boxes scores as with J padded
+    slots, and Retriever.score (grouped by box count) equals one padded call per image."""
+    import onnxruntime as ort
+
+    from fbnet.runtime.backends import OnnxRuntimeBackend
+    from fbnet.runtime.bundle import open_bundle
+    from fbnet.runtime.retriever import ImageFeatures, Retriever, TextFeatures
+
+    b = open_bundle(bundle)
+    r = Retriever(b, OnnxRuntimeBackend(b))
+    assert r.dynamic_boxes
+    rng = np.random.default_rng(0)
+    j, d, n = b.model["max_boxes"], b.model["embed_dim"], 7
+    counts = np.array([1, 3, j, 2, 1, j, 3])
+    mask = (np.arange(j)[None] < counts[:, None]).astype(np.float32)
+    unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    blocks = {}
+    for k in r.keys:
+        u2 = int(k[1:]) ** 2
+        x = unit(rng.normal(size=(n, (j if k[0] == "F" else 1) * u2, d)))
+        if k[0] == "F":
+            x *= np.repeat(mask, u2, axis=1)[..., None]
+        blocks[k] = x
+    images = ImageFeatures(blocks, mask)
+    texts = TextFeatures({k: unit(rng.normal(size=(5, int(k[1:]) ** 2, d))) for k in r.keys})
+    grouped = r.score(images, texts)
+    sess = ort.InferenceSession(str(bundle / "scorer.onnx"), providers=["CPUExecutionProvider"])
+    feeds = lambda im: {"fg_mask": im.fg_mask, **{f"blocks_{k}": im.blocks[k] for k in r.keys},  # noqa: E731
+                        **{f"windows_{k}": texts.windows[k] for k in r.keys}}
+    padded = sess.run(None, feeds(images))[0]
+    np.testing.assert_allclose(grouped, padded, atol=1e-5)
+    cut = sess.run(None, feeds(images.take([1]).cut_boxes(3)))[0]  # 3 box slots, not J
+    np.testing.assert_allclose(cut[0], padded[1], atol=1e-5)
+    assert sorted(c for _, c in images.box_groups()) == sorted({1, 2, 3, j})
+
+
+def test_saved_ort_optimisations_are_used_and_match(bundle):
+    import onnxruntime as ort
+
+    from fbnet.runtime.backends import optimized_file
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for name, spec in manifest["graphs"].items():
+        opt = spec["ort_optimized"]
+        assert (bundle / opt["file"]).is_file() and opt["source"] == spec["file"], name
+        assert optimized_file(spec, ort.__version__) == opt["file"]
+        assert optimized_file(spec, "0.0.0") == spec["file"]  # another ONNX Runtime: the plain graph
+
+
 def test_engines_only_without_tensorrt_is_a_clear_error(bundle):
     res = CliRunner().invoke(fbnet_main, ["export", str(bundle), "--engines-only"])
     assert res.exit_code == 1 and "tensorrt" in res.output.lower()

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..windows import blocks_per_level, level_slices
-from .attention import cross_attention
+from .attention import cross_attention, grouped_cross_attention
 from .text import TextEncoder, text_windows
 
 BRANCH_KEY = {"background": "B", "foreground": "F"}
@@ -70,38 +70,54 @@ class FBNet(nn.Module):
     def keys(self) -> list[tuple[str, int]]:
         return [(b, u) for b in self.branches for u in range(1, self.levels + 1)]
 
-    def encode_images(self, background: torch.Tensor, foreground: torch.Tensor, fg_mask: torch.Tensor):
-        """Unit-length block embeddings and masks per (branch, level): ``(N, K, d), (N, K)``."""
+    def encode_images(self, background: torch.Tensor, foreground: torch.Tensor, fg_mask: torch.Tensor,
+                      static_shapes: bool = False):
+        """Unit-length block embeddings and masks per (branch, level): ``(N, K, d), (N, K)``.
+
+        Only real boxes' blocks are projected (padded slots stay zero, as masked blocks are anyway):
+        exact, and most of F-Net's projection on Flickr8k. ``static_shapes`` (exported graphs)
+        projects every slot, so no shape depends on the data."""
         out = {}
         slices = level_slices(self.levels)
         for branch in self.branches:
             proj = self.proj[BRANCH_KEY[branch]]
+            embed = lambda x: F.normalize(proj(F.normalize(x.float(), dim=-1)), dim=-1)  # noqa: E731
+            if branch == "background":
+                emb = embed(background)
+            elif not static_shapes:
+                real = fg_mask.bool()
+                real_emb = embed(foreground[real])
+                emb = real_emb.new_zeros(*foreground.shape[:3], real_emb.shape[-1])
+                emb[real] = real_emb
+            else:
+                emb = embed(foreground) * fg_mask.to(torch.float32)[:, :, None, None]
             for u in range(1, self.levels + 1):
                 sl = slices[u - 1]
                 if branch == "background":
-                    feats = background[:, sl]
-                    mask = torch.ones(feats.shape[:2], dtype=feats.dtype, device=feats.device)
+                    blocks = emb[:, sl]
+                    mask = torch.ones(blocks.shape[:2], dtype=blocks.dtype, device=blocks.device)
                 else:
                     n, j = foreground.shape[:2]
-                    feats = foreground[:, :, sl].reshape(n, j * blocks_per_level(u), -1)
-                    mask = fg_mask.to(feats.dtype).repeat_interleave(blocks_per_level(u), dim=1)
-                emb = F.normalize(proj(F.normalize(feats.float(), dim=-1)), dim=-1)
-                out[(branch, u)] = (emb * mask.unsqueeze(-1), mask)
+                    blocks = emb[:, :, sl].reshape(n, j * blocks_per_level(u), -1)
+                    mask = fg_mask.to(blocks.dtype).repeat_interleave(blocks_per_level(u), dim=1)
+                out[(branch, u)] = (blocks, mask)
         return out
 
-    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor):
-        """Unit-length text-window embeddings per (branch, level): ``(N, u**2, d)``."""
+    def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor, static_shapes: bool = False):
+        """Unit-length text-window embeddings per (branch, level): ``(N, u**2, d)``
+        (``static_shapes``: the GRU over padded batches, as exported; else packed)."""
         out = {}
         for branch in self.branches:
-            words = self.text[BRANCH_KEY[branch]](ids, lengths)
+            words = self.text[BRANCH_KEY[branch]](ids, lengths, static_shapes)
             for u in range(1, self.levels + 1):
                 out[(branch, u)] = F.normalize(text_windows(words, lengths, blocks_per_level(u)), dim=-1)
         return out
 
-    def similarities(self, images: dict, texts: dict, attended_images: str = "gram") -> dict[tuple[str, int], torch.Tensor]:
-        """The six (at most) similarity matrices ``(I, C)`` of eqs. (13)-(15)."""
-        return {
-            key: cross_attention(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2,
-                                 attended_images)
-            for key in self.keys
-        }
+    def similarities(self, images: dict, texts: dict, attended_images: str = "gram",
+                     static_shapes: bool = False) -> dict[tuple[str, int], torch.Tensor]:
+        """The six (at most) similarity matrices ``(I, C)`` of eqs. (13)-(15). Padded box slots are
+        skipped by grouping images by box count; ``static_shapes`` (exported graphs) takes the
+        masked form instead (the runtime groups its gallery chunks itself)."""
+        score = cross_attention if static_shapes else grouped_cross_attention
+        return {key: score(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2, attended_images)
+                for key in self.keys}

@@ -4,10 +4,11 @@ Eq. (10): words are embedded (300-d) and read by a 1-layer bidirectional GRU wit
 ``d``; a word's feature is the mean of the forward and backward hidden states,
 ``e_t = (h_t^fwd + h_t^bwd) / 2``.
 
-Padded batches are handled with lengths rather than packed sequences (packing does not export
-to ONNX or TensorRT): the forward GRU runs over the padded batch (its states before a caption's
+Exported graphs handle padded batches with lengths rather than packed sequences (packing does
+not export to ONNX or TensorRT; ``static_shapes=True``): the forward GRU runs over the padded batch (its states before a caption's
 end never see the padding), and the backward GRU runs over each caption reversed *within its
-length* (a gather), so its states also start at the caption's last real word.
+length* (a gather), so its states also start at the caption's last real word. Training packs
+the same sequences, which skips the padding's steps and gives the same states.
 
 Eqs. (11)-(12): at level ``u`` a caption of ``L`` words is covered by ``N = u**2`` windows of
 ``ceil(2L / (N + 1))`` words that move by ``L / (N + 1)`` (the image rule in one dimension), and a
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class TextEncoder(nn.Module):
@@ -32,18 +34,27 @@ class TextEncoder(nn.Module):
         self.fwd = nn.GRU(word_dim, embed_dim, batch_first=True)
         self.bwd = nn.GRU(word_dim, embed_dim, batch_first=True)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, static_shapes: bool = False) -> torch.Tensor:
         x = self.embed(ids)
         steps = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, L)
         valid = steps < lengths.unsqueeze(1)  # (B, L)
         # Reverse each caption within its length: position t reads word (len - 1 - t).
         rev = torch.where(valid, lengths.unsqueeze(1) - 1 - steps, steps)
         gather = rev.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        h_fwd, _ = self.fwd(x)
-        h_bwd_rev, _ = self.bwd(torch.gather(x, 1, gather))
+        h_fwd = self._run(self.fwd, x, lengths, static_shapes)
+        h_bwd_rev = self._run(self.bwd, torch.gather(x, 1, gather), lengths, static_shapes)
         h_bwd = torch.gather(h_bwd_rev, 1, rev.unsqueeze(-1).expand(-1, -1, h_bwd_rev.shape[-1]))
         words = (h_fwd + h_bwd) / 2
         return words * valid.unsqueeze(-1).to(words.dtype)
+
+    @staticmethod
+    def _run(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, static_shapes: bool) -> torch.Tensor:
+        """The GRU over the padded batch (``static_shapes``: what exports), or packed, which skips
+        the padding's steps (PyTorch only; the same states at every real word)."""
+        if static_shapes:
+            return gru(x)[0]
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
 
 
 def window_spans(lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

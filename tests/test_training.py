@@ -1,0 +1,40 @@
+"""Early stopping, and a resumed run that keeps counting towards it."""
+
+import json
+
+from click.testing import CliRunner
+
+from fbnet.checkpoint import load_checkpoint
+from fbnet.cli import main
+from fbnet.train import epochs_since_best
+
+# lr 0: validation MAP never improves after the first epoch, so patience 1 stops after epoch 2
+CONFIG = """
+model:
+  embed_dim: 32
+  backbone: {name: resnet18, mode: roi, image_size: 64}
+  detector: {name: none}
+train: {epochs: 6, patience: 1, lr: 0.0, batch_size: 16, seed: 3}
+"""
+
+
+def test_epochs_since_best():
+    assert epochs_since_best([]) == 0
+    assert epochs_since_best([{"val_map": 0.2}, {"val_map": 0.5}, {"val_map": 0.4}, {"val_map": 0.5}]) == 2
+    assert epochs_since_best([{"val_map": 0.2}, {"val_map": 0.3}]) == 0
+
+
+def test_early_stopping_and_resume(tiny_synth, tmp_path):
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--data", str(tiny_synth), "--config", str(tmp_path / "cfg.yaml"),
+                               "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "epoch 2:" in res.output and "epoch 3:" not in res.output and "early stop" in res.output
+    events = [json.loads(line)["event"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert events.count("epoch") == 2 and "early_stop" in events and "fusion" in events
+    # a resumed run with a larger budget counts the epochs it has: it stops at once
+    res = runner.invoke(main, ["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "9"])
+    assert res.exit_code == 0, res.output
+    assert "early stop" in res.output and "epoch 3:" not in res.output
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
