@@ -78,10 +78,14 @@ def caption_by_caption(blocks, mask, windows, delta1: float, delta2: float, shar
     return out
 
 
-def flops_per_pair(shapes: dict, d: int) -> int:
+def flops_per_pair(shapes: dict, d: int, mean_boxes: float | None = None, max_boxes: int = 1) -> int:
     """Multiply-adds x 2 of eqs. (13)-(15) per pair: cosines 2KMd, attention norms, softmaxes and
-    weighted sums about 25KM, attended lengths through the Gram matrices 2KM(M + K)."""
-    return int(sum(2 * k * m * d + 25 * k * m + 2 * k * m * (m + k) for k, m in shapes.values()))
+    weighted sums about 25KM, attended lengths through the Gram matrices 2KM(M + K). With
+    ``mean_boxes``, F-Net's K counts the real boxes only (what the grouped scorer computes)."""
+    def k_of(key, k):
+        return k * mean_boxes / max_boxes if key[0] == "F" and mean_boxes else k
+    return int(sum(2 * k_of(key, k) * m * d + 25 * k_of(key, k) * m + 2 * k_of(key, k) * m * (m + k_of(key, k))
+                   for key, (k, m) in shapes.items()))
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -91,27 +95,29 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def scorer_section(bundle, model, fusion, retriever, repeats: int) -> str:
-    shapes, d = key_shapes(bundle), bundle.model["embed_dim"]
-    images, texts = synthetic(bundle, 1000, 200)
+    shapes, d, j = key_shapes(bundle), bundle.model["embed_dim"], bundle.model["max_boxes"]
+    images, texts = synthetic(bundle, 10_000, 200)
+    first = images.take(slice(0, 1000))
+    mean_boxes = float(first.fg_mask.sum(axis=1).mean())
     graph = ScorerGraph(model, fusion).eval()
     keys = model.keys  # (branch, level) in bundle key order
     names = bundle.keys
 
-    def torch_scorer(n_cap):  # the exported module, chunked as the runtime chunks
-        out = torch.zeros(len(images), n_cap)
-        for isl, csl in pair_chunks(len(images), n_cap, retriever.max_pairs, retriever.max_items):
-            feeds = [torch.from_numpy(images.fg_mask[isl])] + [torch.from_numpy(images.blocks[k][isl]) for k in names] \
+    def torch_scorer(n_cap):  # the exported module (padded box slots), chunked as the runtime chunks
+        out = torch.zeros(len(first), n_cap)
+        for isl, csl in pair_chunks(len(first), n_cap, retriever.max_pairs, retriever.max_items):
+            feeds = [torch.from_numpy(first.fg_mask[isl])] + [torch.from_numpy(first.blocks[k][isl]) for k in names] \
                 + [torch.from_numpy(texts.windows[k][csl]) for k in names]
             with torch.no_grad():
                 out[isl, csl] = graph(*feeds)[0]
         return out
 
     def baseline(n_cap):
-        fused = torch.zeros(len(images), n_cap)
+        fused = torch.zeros(len(first), n_cap)
         for name, (branch, level) in zip(names, keys):
-            blocks = torch.from_numpy(images.blocks[name])
+            blocks = torch.from_numpy(first.blocks[name])
             mask = (torch.ones(blocks.shape[:2]) if branch == "background" else
-                    torch.from_numpy(images.fg_mask).repeat_interleave(level * level, dim=1))
+                    torch.from_numpy(first.fg_mask).repeat_interleave(level * level, dim=1))
             with torch.no_grad():
                 s = caption_by_caption(blocks, mask, torch.from_numpy(texts.windows[name][:n_cap]),
                                        model.cfg.delta1, model.cfg.delta2)
@@ -119,64 +125,78 @@ def scorer_section(bundle, model, fusion, retriever, repeats: int) -> str:
         return fused
 
     small = 20
-    ref, ours = baseline(small), torch_scorer(small)
-    max_diff = float((ref - ours).abs().max())
-    assert max_diff < 1e-3, max_diff  # float32 rounding of two formulations of the same sums
+    ref = baseline(small)
+    max_diff = max(float((ref - torch_scorer(small)).abs().max()),
+                   float(np.abs(ref.numpy() - retriever.score(first, texts.take(slice(0, small)))).max()))
+    assert max_diff < 1e-3, max_diff  # float32 rounding of formulations of the same sums
     rows = []
     t_base = timeit(lambda: baseline(small), 3, 0)["median"] / 1000
     rate_base = 1000 * small / t_base
-    rows.append(("caption by caption (SCAN's evaluation loop), PyTorch", 1000 * small, t_base, rate_base))
-    for label, fn in (("batched, PyTorch", torch_scorer),
-                      ("batched, scorer.onnx on ONNX Runtime", lambda n: retriever.score(images, texts.take(slice(0, n))))):
+    rows.append(("caption by caption (SCAN's evaluation loop), PyTorch", "1,000 x 20", 1000 * small, t_base))
+    for label, fn in (("batched, PyTorch, padded box slots (the exported module)", torch_scorer),
+                      ("batched, ONNX Runtime, grouped by box count (`Retriever.score`)",
+                       lambda n: retriever.score(first, texts.take(slice(0, n))))):
         for n_cap in (small, 200):
-            t = timeit(lambda: fn(n_cap), 3, 1)["median"] / 1000
-            rows.append((label, 1000 * n_cap, t, 1000 * n_cap / t))
-    flops, gflops = flops_per_pair(shapes, d), matmul_gflops()
+            rows.append((label, f"1,000 x {n_cap}", 1000 * n_cap, timeit(lambda: fn(n_cap), 3, 1)["median"] / 1000))
+    one = texts.take(slice(0, 1))
+    for n in (100, 1000, 10_000):  # one caption query against n items (re-ranking or exhaustive search)
+        part = images.take(slice(0, n))
+        t = timeit(lambda: retriever.score(part, one), max(3, repeats // max(1, n // 1000)), 1)["median"] / 1000
+        rows.append(("1 query, ONNX Runtime (`Retriever.score`)", f"{n:,} x 1", n, t))
+    flops, gflops = flops_per_pair(shapes, d, mean_boxes, j), matmul_gflops()
     lines = [
         "## Scorer throughput",
         "",
-        f"Machine: {machine()}. No GPU was lent to this run, so no CUDA or TensorRT rows.",
-        f"Inputs: random unit-length features of the bundle's shapes (d = {d}, J = {bundle.model['max_boxes']} "
-        f"boxes, levels 1-3: blocks per key {', '.join(f'{k} {s[0]}' for k, s in shapes.items())}; "
-        "windows 1, 4, 9), 1,000 images x 20 or 200 captions, fused by the bundle's weights. "
-        f"The baseline is checked against the batched scorer before timing (largest fused-score difference {max_diff:.1e}, "
-        "float32 rounding).",
-        "Regenerate: `python benchmarks/retrieval.py --checkpoint runs/flickr8k/best.pt`.",
+        f"Machine: {machine()}. CPU only (the GPU lent to one session ran training, see Training speed).",
+        f"Inputs: random unit-length features of the bundle's shapes (d = {d}, J = {j} box slots, levels 1-3: "
+        f"blocks per key {', '.join(f'{k} {s[0]}' for k, s in shapes.items())}; windows 1, 4, 9), box counts "
+        f"drawn as on Flickr8k (mean {mean_boxes:.2f} of {j}), fused by the bundle's weights. "
+        f"The baseline is checked against both batched scorers before timing (largest fused-score difference "
+        f"{max_diff:.1e}, float32 rounding).",
+        "Regenerate: `python benchmarks/retrieval.py --checkpoint runs/flickr8k/best.pt --sections scorer`.",
         "",
-        "| scorer | pairs | median s | pairs/s | vs baseline |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| scorer | images x captions | pairs | median s | pairs/s | vs baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for label, pairs, t, rate in rows:
-        lines.append(f"| {label} | {pairs:,} | {t:.3f} | {rate:,.0f} | {rate / rate_base:.1f}x |")
-    best = max(r[3] for r in rows)
-    lines += ["", f"FLOPs per pair (six matrices, padded to J boxes): {flops / 1e6:.2f} M, of which the "
-              f"cosine products are {sum(2 * k * m * d for k, m in shapes.values()) / flops:.0%}. "
+    for label, shape, pairs, t in rows:
+        lines.append(f"| {label} | {shape} | {pairs:,} | {t:.4f} | {pairs / t:,.0f} | {pairs / t / rate_base:.1f}x |")
+    best = max(pairs / t for _, _, pairs, t in rows)
+    lines += ["", f"FLOPs per pair (six matrices, F-Net at the real box counts): {flops / 1e6:.2f} M, of which "
+              f"the cosine products are {sum(2 * (k * mean_boxes / j if key[0] == 'F' else k) * m * d for key, (k, m) in shapes.items()) / flops:.0%}. "
               f"Measured float32 matrix-multiply rate on this machine (2048^3, torch): {gflops:.0f} GFLOP/s, "
               f"so the ceiling is about {gflops * 1e9 / flops:,.0f} pairs/s; the fastest scorer here reaches "
-              f"{best:,.0f} pairs/s ({best * flops / 1e9:.1f} GFLOP/s, {best * flops / 1e9 / gflops:.0%} of it). "
-              "The rest of the time goes to the element-wise attention steps (norms, softmaxes), "
-              "which are memory-bound.", "", scorer_verdict(best / rate_base), ""]
+              f"{best:,.0f} pairs/s ({best * flops / 1e9:.1f} GFLOP/s, {best * flops / 1e9 / gflops:.0%} of it).",
+              "", scorer_verdict(best / rate_base, best * flops / 1e9 / gflops), ""]
     return "\n".join(lines)
 
 
-def scorer_verdict(speedup: float, target: float = 20.0) -> str:
-    """The issue's throughput target against this run, with the cause when it is missed."""
-    if speedup >= target:
-        return f"Target: at least {target:.0f}x the baseline. Met: {speedup:.1f}x."
-    return (f"Target: at least {target:.0f}x the baseline. **Not met: {speedup:.1f}x.** Cause: the baseline is "
-            "itself batched over a shard of 128 images per caption, so the two differ only in the attended vectors "
-            "it builds (about twice the FLOPs) and in GEMM size; both spend most of their time in element-wise "
-            "work over the (images, captions, blocks, windows) tensors, and F-Net's padded box slots (J = 9 for "
-            "every image) are scored too. Measured next steps: keeping the GEMM's (I, K, C, M) layout (no permute "
-            "copies, one Gram GEMM per caption) was 1.5-2.2x faster in PyTorch with identical scores; skipping "
-            "padded box slots would cut F-Net's work by the share of empty slots (about 60% on Flickr8k).")
+def scorer_verdict(speedup: float, matmul_share: float, target: float = 20.0, share_target: float = 0.4) -> str:
+    """The issue's throughput targets against this run, with the cause when one is missed."""
+    out = (f"Targets: at least {target:.0f}x the baseline and {share_target:.0%} of the matmul rate. "
+           f"Speed-up {speedup:.1f}x: {'met' if speedup >= target else '**not met**'}; "
+           f"share of the matmul rate {matmul_share:.0%}: {'met' if matmul_share >= share_target else '**not met**'}.")
+    if speedup < target or matmul_share < share_target:
+        out += (" Cause: after the cosine GEMM, eqs. (13)-(15) are about 25 element-wise passes (relu, two "
+                "norms, two softmaxes, products, sums) over every (image, block, caption, window) cosine, and "
+                "a pass over that tensor moves its bytes for a few FLOPs each, so the scorer is bound by "
+                "memory bandwidth, not by the matrix-multiply units; the cosine products, the only "
+                "GEMM-shaped work, are a minority of the FLOPs. The baseline is itself batched over shards "
+                "of 128 images per caption, which bounds any speed-up of the same arithmetic. Reaching the "
+                "targets needs these passes fused into one kernel per tile (what a custom CPU kernel or "
+                "TensorRT's fusions on a GPU would do), not more GEMM tuning.")
+    return out
 
 
 # -- warm latency ---------------------------------------------------------------------------------
+def latency_heading(bundle) -> str:
+    quantized = bundle.manifest.get("quantization")
+    return "## Query latency at gallery scale" + (" (INT8 detector and image encoder)" if quantized else "")
+
+
 def latency_section(bundle, retriever, image_path: Path, work: Path, sizes, repeats: int, shortlist: int) -> str:
     text = "a black dog is running through the grass"
     lines = [
-        "## Query latency at gallery scale",
+        latency_heading(bundle),
         "",
         f"Machine: {machine()}; ONNX Runtime on the CPU, one warm process (the same `Searcher` that "
         "`fbnet-serve-cli serve` runs). Each query is encoded (text encoder; or decode, detector and "
@@ -208,12 +228,14 @@ def latency_section(bundle, retriever, image_path: Path, work: Path, sizes, repe
     return "\n".join(lines)
 
 
-def latency_verdict(text_ms: float, image_ms: float, image_encode_ms: float, target: float = 50.0) -> str:
-    """The issue's latency target (two-stage p50 at 10k items) against this run."""
-    verdict = lambda ms: "met" if ms <= target else "**not met**"  # noqa: E731
-    out = (f"Target: two-stage p50 <= {target:.0f} ms at 10,000 items. Text query {text_ms:.1f} ms: "
-           f"{verdict(text_ms)}. Image query {image_ms:.1f} ms: {verdict(image_ms)}.")
-    if image_ms > target:
+def latency_verdict(text_ms: float, image_ms: float, image_encode_ms: float, text_target: float = 25.0,
+                    image_target: float = 40.0) -> str:
+    """The issue's latency targets (two-stage p50 at 10k items) against this run."""
+    verdict = lambda ms, target: "met" if ms <= target else "**not met**"  # noqa: E731
+    out = (f"Targets: two-stage p50 at 10,000 items, text <= {text_target:.0f} ms, image <= {image_target:.0f} ms. "
+           f"Text query {text_ms:.1f} ms: {verdict(text_ms, text_target)}. "
+           f"Image query {image_ms:.1f} ms: {verdict(image_ms, image_target)}.")
+    if image_ms > image_target:
         out += (f" Cause: encoding the photo (decode, YOLOv3-tiny at 416 x 416, MobileNetV2) takes "
                 f"{image_encode_ms:.1f} ms before any search; the search itself takes about "
                 f"{image_ms - image_encode_ms:.0f} ms.")
@@ -390,7 +412,7 @@ def main() -> None:
         write_section(args.out, "## Scorer throughput", scorer_section(bundle, model, fusion, retriever, args.repeats))
     if "latency" in sections:
         sizes = [int(s) for s in args.sizes.split(",")]
-        write_section(args.out, "## Query latency at gallery scale",
+        write_section(args.out, latency_heading(bundle) + "\n",
                       latency_section(bundle, retriever, image_path, args.work, sizes, args.repeats, args.shortlist))
     if "quality" in sections:
         write_section(args.out, "## Two-stage quality", quality_section(args.checkpoint.parent / "scores-val.npz"))

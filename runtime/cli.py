@@ -50,7 +50,11 @@ def _retriever(bundle: str, backend: str) -> Retriever:
 @click.option("--out", required=True, type=click.Path(), help="gallery directory to write")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--float16", is_flag=True, help="store features as float16 (half the bytes)")
-def index_cmd(bundle, image_dir, captions, out, backend, float16):
+@click.option("--first-stage", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto", show_default=True,
+              help="first-stage index: auto = exact below 100,000 items, else FAISS IVF (built and saved here)")
+@click.option("--first-stage-memory", type=int, help="MB for each side's first-stage vectors (IVF-PQ when "
+                                                     "the full vectors do not fit)")
+def index_cmd(bundle, image_dir, captions, out, backend, float16, first_stage, first_stage_memory):
     """Encode a gallery of images and captions once (resumable)."""
     if not image_dir and not captions:
         raise click.UsageError("give --images, --captions, or both")
@@ -58,7 +62,8 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16):
     images = list_images(image_dir) if image_dir else []
     caps = read_captions(captions) if captions else []
     t0 = time.time()
-    build_gallery(retriever, images, caps, out, dtype="float16" if float16 else "float32")
+    build_gallery(retriever, images, caps, out, dtype="float16" if float16 else "float32", first_stage=first_stage,
+                  memory_budget=first_stage_memory << 20 if first_stage_memory else None)
     click.echo(f"indexed {len(images)} images and {len(caps)} captions into {out} with "
                f"{retriever.backend.name} in {time.time() - t0:.1f}s")
 
@@ -72,9 +77,10 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16):
 @click.option("--shortlist", default=DEFAULT_SHORTLIST, show_default=True,
               help="two-stage search: re-rank this many first-stage candidates (0 = exhaustive)")
 @click.option("--exhaustive", is_flag=True, help="score every gallery item (same as --shortlist 0)")
+@click.option("--nprobe", type=click.IntRange(min=1), help="IVF first stage: inverted lists to visit")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_json, backend):
+def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, nprobe, as_json, backend):
     """Rank the gallery's captions for image queries, or its images for --text queries."""
     if not images and not texts:
         raise click.UsageError("give query images, or --text \"a caption\"")
@@ -87,13 +93,14 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, as_j
         raise GalleryError(f"{gallery}: has no captions to rank for an image query")
     if texts and g.image_features is None:
         raise GalleryError(f"{gallery}: has no images to rank for a text query")
-    searcher = Searcher(retriever, g.image_features, g.text_features, 0 if exhaustive else shortlist)
+    searcher = Searcher(retriever, g.image_features, g.text_features, 0 if exhaustive else shortlist,
+                        image_stage=g.first_stage("images"), text_stage=g.first_stage("texts"))
     results = []
     if images:
-        hits = searcher.texts_for(image_queries, top_k)
+        hits = searcher.texts_for(image_queries, top_k, nprobe=nprobe)
         results += [hits_json(q, "image", h, g.captions, "caption") for q, h in zip(images, hits)]
     if texts:
-        hits = searcher.images_for(text_queries, top_k)
+        hits = searcher.images_for(text_queries, top_k, nprobe=nprobe)
         results += [hits_json(q, "text", h, g.images, "image") for q, h in zip(texts, hits)]
     if as_json:
         click.echo(json.dumps({"backend": retriever.backend.name, "results": results}, indent=1))

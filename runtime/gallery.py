@@ -7,6 +7,7 @@
       images/<key>.npy             (N_images, K, d) block embeddings per key (B1 ... F3)
       images/fg_mask.npy           (N_images, J)
       texts/<key>.npy              (N_captions, u**2, d) window embeddings per key
+      images/first_stage.faiss     large galleries: the first-stage IVF index (texts/ likewise)
 
 Indexing works in parts under ``GALLERY.partial/`` (each part written atomically), so an
 interrupted ``index`` resumes where it stopped; the finished gallery is renamed into place.
@@ -26,7 +27,9 @@ from tqdm.auto import tqdm
 from fbnet.atomic import atomic_write, atomic_write_text
 
 from .bundle import Bundle
+from .first_stage import INDEX_FILE, FirstStage, choose_spec
 from .retriever import ImageFeatures, QueryError, Retriever, TextFeatures, concat_images
+from .search import pooled_images, pooled_texts
 
 GALLERY_KIND = "fbnet-gallery"
 
@@ -64,7 +67,12 @@ def gallery_meta(bundle: Bundle, images: list, captions: list[str], dtype: str) 
 
 
 def build_gallery(retriever: Retriever, images: list[Path], captions: list[str], out: str | Path,
-                  part_size: int = 64, dtype: str = "float32") -> Path:
+                  part_size: int = 64, dtype: str = "float32", first_stage: str = "auto",
+                  memory_budget: int | None = None) -> Path:
+    """Encode ``images`` and ``captions`` into the gallery ``out`` (resumable). ``first_stage``
+    (``auto``, ``flat``, ``ivf``, ``hnsw``) and ``memory_budget`` (bytes for each side's first-stage
+    vectors) choose the first-stage index (:func:`fbnet.runtime.first_stage.choose_spec`); any
+    but ``Flat`` is built here and saved with the gallery."""
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
@@ -100,8 +108,18 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
     with np.load(text_target) as texts:
         for k in texts.files:
             np.save(final / "texts" / f"{k}.npy", texts[k])
+    stages = {}
+    for side, pool in (("images", pooled_images), ("texts", pooled_texts)):
+        g = _load_features(final, side, retriever.keys)
+        if g is None:
+            continue
+        vectors = pool(g)
+        spec = choose_spec(len(vectors), vectors.shape[1], memory_budget, first_stage)
+        if spec != "Flat":
+            FirstStage(vectors, spec=spec).save(final / side / INDEX_FILE)
+        stages[side] = spec
     atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images),
-                                                         "n_captions": len(captions)}, indent=1))
+                                                         "n_captions": len(captions), "first_stage": stages}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(final, out)
@@ -125,8 +143,26 @@ class Gallery:
         self.images: list[str] = meta["images"]
         self.captions: list[str] = meta["captions"]
         keys = meta["keys"]
-        load = lambda p: np.load(p, mmap_mode="r")  # noqa: E731
-        self.image_features = (ImageFeatures({k: load(root / "images" / f"{k}.npy") for k in keys},
-                                             load(root / "images" / "fg_mask.npy")) if self.images else None)
-        self.text_features = (TextFeatures({k: load(root / "texts" / f"{k}.npy") for k in keys})
-                              if self.captions else None)
+        self.image_features = _load_features(root, "images", keys) if self.images else None
+        self.text_features = _load_features(root, "texts", keys) if self.captions else None
+
+    def first_stage(self, side: str) -> FirstStage | None:
+        """The first-stage index saved for ``side`` (``images`` or ``texts``), or None when the
+        side is searched exactly (the searcher then builds a flat index itself)."""
+        spec = self.meta.get("first_stage", {}).get(side, "Flat")
+        if spec == "Flat":
+            return None
+        count = len(self.images if side == "images" else self.captions)
+        return FirstStage.load(self.root / side / INDEX_FILE, count, spec)
+
+
+def _load_features(root: Path, side: str, keys: list[str]):
+    """A side's arrays, memory-mapped (None when the side is empty)."""
+    load = lambda p: np.load(p, mmap_mode="r")  # noqa: E731
+    if side == "images":
+        if not (root / "images" / "fg_mask.npy").is_file():
+            return None
+        return ImageFeatures({k: load(root / "images" / f"{k}.npy") for k in keys}, load(root / "images" / "fg_mask.npy"))
+    if not (root / "texts" / f"{keys[0]}.npy").is_file():
+        return None
+    return TextFeatures({k: load(root / "texts" / f"{k}.npy") for k in keys})

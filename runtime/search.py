@@ -6,8 +6,8 @@ for all six branch-level matrices, fused by eq. 7), so its cost grows with the g
 Two-stage search:
 
 1. *First stage*: one pooled, unit-length embedding per image and per caption, ranked by inner
-   product over the whole gallery (one matrix product; FAISS ``IndexFlatIP`` when ``faiss`` is
-   installed, else numpy). The embedding is the level-1 block of the first branch (B-Net: the
+   product over the whole gallery (:mod:`fbnet.runtime.first_stage`: exact for small galleries,
+   a FAISS IVF index saved with a large gallery, ``nprobe`` settable per query). The embedding is the level-1 block of the first branch (B-Net: the
    whole image; F-Net: the mean of the box blocks) and the level-1 text window (the whole
    caption). For ``K = M = 1`` eqs. (13)-(15) reduce to ``S_1 = 2 cos(v, e)``, so with B-Net the
    first stage ranks exactly by the trained matrix ``S^B_1`` and needs no extra graph: the
@@ -26,6 +26,7 @@ from functools import cached_property
 
 import numpy as np
 
+from .first_stage import FirstStage
 from .retriever import ImageFeatures, Retriever, TextFeatures
 
 DEFAULT_SHORTLIST = 100
@@ -56,42 +57,6 @@ def pooled_texts(feats: TextFeatures) -> np.ndarray:
     return _unit(feats.windows[_level1_key(list(feats.windows))][:, 0])
 
 
-class FirstStage:
-    """Exact maximum-inner-product top-k over a gallery's pooled embeddings."""
-
-    def __init__(self, vectors: np.ndarray, use_faiss: bool | None = None):
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.faiss = None
-        if use_faiss is not False:
-            try:
-                import faiss
-            except ImportError:
-                if use_faiss:
-                    raise
-            else:
-                self.faiss = faiss.IndexFlatIP(self.vectors.shape[1])
-                self.faiss.add(self.vectors)
-        self.backend = "faiss" if self.faiss is not None else "numpy"
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-    def top(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and indices ``(Q, k)`` of the ``k`` best items per query, best first."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k = min(k, len(self))
-        if self.faiss is not None:
-            return self.faiss.search(queries, k)
-        scores = queries @ self.vectors.T
-        if k < len(self):
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        else:
-            part = np.broadcast_to(np.arange(len(self)), scores.shape)
-        top = np.take_along_axis(scores, part, axis=1)
-        order = np.lexsort((part, -top), axis=1)  # best first; ties by gallery order
-        return np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1)
-
-
 @dataclass
 class Hits:
     """One query's result: gallery indices and fused scores, best first."""
@@ -120,38 +85,51 @@ class Searcher:
 
     def __init__(self, retriever: Retriever, images: ImageFeatures | None, texts: TextFeatures | None,
                  shortlist: int = DEFAULT_SHORTLIST, use_faiss: bool | None = None,
-                 lanes: Sequence[Retriever] = ()):
+                 lanes: Sequence[Retriever] = (), image_stage: FirstStage | None = None,
+                 text_stage: FirstStage | None = None):
+        """``image_stage`` / ``text_stage``: first-stage indexes saved with the gallery (IVF); when
+        absent, an exact one is built from the gallery on its first two-stage query."""
         self.retriever, self.images, self.texts, self.shortlist = retriever, images, texts, shortlist
         self.use_faiss, self.lanes = use_faiss, list(lanes)
+        self._stages = {"images": image_stage, "texts": text_stage}
         self._lane_pool = ThreadPoolExecutor(len(self.lanes), "fbnet-rerank") if len(self.lanes) > 1 else None
 
     @cached_property
     def image_stage(self) -> FirstStage | None:
         has = self.images is not None and len(self.images)
+        if self._stages["images"] is not None:
+            return self._stages["images"]
         return FirstStage(pooled_images(self.images), self.use_faiss) if has else None
 
     @cached_property
     def text_stage(self) -> FirstStage | None:
         has = self.texts is not None and len(self.texts)
+        if self._stages["texts"] is not None:
+            return self._stages["texts"]
         return FirstStage(pooled_texts(self.texts), self.use_faiss) if has else None
 
-    def images_for(self, queries: TextFeatures, top_k: PerQuery, shortlist: PerQuery | None = None) -> list[Hits]:
+    def images_for(self, queries: TextFeatures, top_k: PerQuery, shortlist: PerQuery | None = None,
+                   nprobe: PerQuery | None = None) -> list[Hits]:
         """Rank the gallery's images for each caption query."""
         return self._rank(queries, pooled_texts, self.images, lambda: self.image_stage,
-                          lambda r, q, g: r.score(g, q).T, top_k, shortlist)
+                          lambda r, q, g: r.score(g, q).T, top_k, shortlist, nprobe)
 
-    def texts_for(self, queries: ImageFeatures, top_k: PerQuery, shortlist: PerQuery | None = None) -> list[Hits]:
+    def texts_for(self, queries: ImageFeatures, top_k: PerQuery, shortlist: PerQuery | None = None,
+                  nprobe: PerQuery | None = None) -> list[Hits]:
         """Rank the gallery's captions for each image query."""
         return self._rank(queries, pooled_images, self.texts, lambda: self.text_stage,
-                          lambda r, q, g: r.score(q, g), top_k, shortlist)
+                          lambda r, q, g: r.score(q, g), top_k, shortlist, nprobe)
 
-    def _rank(self, queries, pool, gallery, stage, score, top_k: PerQuery, shortlist: PerQuery | None) -> list[Hits]:
-        """``score(retriever, queries, items)`` is the fused score matrix ``(queries, items)``. ``top_k``
-        and ``shortlist`` are one value for every query or one per query (a micro-batch mixes them):
-        exhaustive queries are scored together, and one first-stage call serves all the others."""
+    def _rank(self, queries, pool, gallery, stage, score, top_k: PerQuery, shortlist: PerQuery | None,
+              nprobe: PerQuery | None = None) -> list[Hits]:
+        """``score(retriever, queries, items)`` is the fused score matrix ``(queries, items)``. ``top_k``,
+        ``shortlist`` and ``nprobe`` are one value for every query or one per query (a micro-batch
+        mixes them): exhaustive queries are scored together, and one first-stage call serves all
+        the others that share an ``nprobe``."""
         n = len(queries)
         tops = _per_query(top_k, n)
         ks = [self.shortlist if k is None else k for k in _per_query(shortlist, n)]
+        probes = _per_query(nprobe, n)
         out: list[Hits | None] = [None] * n
         exhaustive = [q for q in range(n) if not ks[q]]
         if exhaustive:
@@ -159,9 +137,12 @@ class Searcher:
                 out[q] = _best(row, np.arange(len(row)), tops[q])
         staged = [q for q in range(n) if ks[q]]
         if staged:
-            _, cand = stage().top(pool(queries.take(staged)), max(ks[q] for q in staged))
             # ascending reads are kind to memory-mapped galleries
-            jobs = [(q, np.sort(idx[: ks[q]])) for q, idx in zip(staged, cand)]
+            jobs = []
+            for probe in dict.fromkeys(probes[q] for q in staged):
+                group = [q for q in staged if probes[q] == probe]
+                _, cand = stage().top(pool(queries.take(group)), max(ks[q] for q in group), probe)
+                jobs += [(q, np.sort(idx[: ks[q]][idx[: ks[q]] >= 0])) for q, idx in zip(group, cand)]
 
             def rerank(retriever: Retriever, lane_jobs: list) -> None:
                 for q, idx in lane_jobs:

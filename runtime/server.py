@@ -12,8 +12,9 @@ worker (:mod:`fbnet.runtime.batching`), Prometheus metrics and a search page.
 ``GET /ready``          200 with the gallery's counts once sessions and gallery are loaded, else 503
 ``GET /metrics``        Prometheus text format: requests by route and status, latency histogram,
                         queue depth, batch sizes
-``POST /search/text``   JSON ``{"text": "a dog on grass", "top_k": 5, "shortlist": 100}`` -> images
-``POST /search/image``  body: the image file's bytes; ``?top_k=5&shortlist=100`` -> captions
+``POST /search/text``   JSON ``{"text": "a dog on grass", "top_k": 5, "shortlist": 100, "nprobe": 32}`` -> images
+``POST /search/image``  body: the image file's bytes; ``?top_k=5&shortlist=100&nprobe=32`` -> captions
+                        (``nprobe``: lists an IVF first stage visits; large galleries only)
 ``GET /gallery/image/N``  the file of the gallery's N-th image (only files the gallery indexed)
 ======================  ==================================================================
 
@@ -156,12 +157,14 @@ class SearchServer:
         if not isinstance(payload, dict) or not isinstance(payload.get("text"), str):
             raise HTTPException(400, 'send JSON {"text": "a caption", "top_k": 5}')
         query = TextQuery(payload["text"], _int_param(payload.get("top_k"), "top_k", 5, 1),
-                          _int_param(payload.get("shortlist"), "shortlist", None, 0))
+                          _int_param(payload.get("shortlist"), "shortlist", None, 0),
+                          _int_param(payload.get("nprobe"), "nprobe", None, 1))
         return await self._answer("text", query)
 
     async def search_image(self, request: Request) -> Response:
         top_k = _int_param(request.query_params.get("top_k"), "top_k", 5, 1)
         shortlist = _int_param(request.query_params.get("shortlist"), "shortlist", None, 0)
+        nprobe = _int_param(request.query_params.get("nprobe"), "nprobe", None, 1)
         body = await self._body(request)
         if not body:
             raise HTTPException(400, "empty body: send the image file's bytes")
@@ -174,7 +177,7 @@ class SearchServer:
             raise HTTPException(413, str(exc)) from None
         except ImageError as exc:
             raise HTTPException(400, str(exc)) from None
-        return await self._answer("image", ImageQuery(canvas, top_k, shortlist))
+        return await self._answer("image", ImageQuery(canvas, top_k, shortlist, nprobe=nprobe))
 
     async def gallery_image(self, request: Request) -> Response:
         """A gallery image by its index: the path comes from ``gallery.json``, never the request."""

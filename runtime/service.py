@@ -27,6 +27,7 @@ class TextQuery:
     text: str
     top_k: int = 5
     shortlist: int | None = None
+    nprobe: int | None = None  # IVF first stage: lists to visit (None: the index's default)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ImageQuery:
     top_k: int = 5
     shortlist: int | None = None
     name: str = "<upload>"
+    nprobe: int | None = None
 
 
 class SearchService:
@@ -49,7 +51,8 @@ class SearchService:
                 and retriever.backend.providers[0] == "CPUExecutionProvider":
             lanes = [Retriever(retriever.bundle, OnnxRuntimeBackend(retriever.bundle, threads=1))
                      for _ in range(rerank_lanes)]
-        self.searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist, lanes=lanes)
+        self.searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist, lanes=lanes,
+                                 image_stage=gallery.first_stage("images"), text_stage=gallery.first_stage("texts"))
 
     @property
     def backend(self) -> str:
@@ -83,7 +86,8 @@ class SearchService:
                 ok.append(i)
         if ok:
             feats = self.retriever.encode_texts([queries[i].text for i in ok])
-            hits = self.searcher.images_for(feats, [queries[i].top_k for i in ok], [queries[i].shortlist for i in ok])
+            hits = self.searcher.images_for(feats, [queries[i].top_k for i in ok], [queries[i].shortlist for i in ok],
+                                            [queries[i].nprobe for i in ok])
             for i, h in zip(ok, hits):
                 out[i] = hits_json(queries[i].text, "text", h, self.gallery.images, "image")
         return out
@@ -93,5 +97,6 @@ class SearchService:
         if not self.gallery.captions:
             return [QueryError("the gallery has no captions to rank for an image query") for _ in queries]
         feats = self.retriever.encode_canvases(np.stack([q.canvas for q in queries]))
-        hits = self.searcher.texts_for(feats, [q.top_k for q in queries], [q.shortlist for q in queries])
+        hits = self.searcher.texts_for(feats, [q.top_k for q in queries], [q.shortlist for q in queries],
+                                       [q.nprobe for q in queries])
         return [hits_json(q.name, "image", h, self.gallery.captions, "caption") for q, h in zip(queries, hits)]

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from fbnet.runtime.search import FirstStage, Searcher, pooled_images, pooled_texts
+from fbnet.runtime.first_stage import FirstStage
+from fbnet.runtime.search import Searcher, pooled_images, pooled_texts
 
 
 def test_first_stage_is_exact_top_k():

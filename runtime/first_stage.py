@@ -1,0 +1,161 @@
+"""The first stage of two-stage search: top-k by inner product over pooled unit vectors.
+
+Small galleries use an exact flat index (FAISS ``IndexFlatIP`` when ``faiss`` is installed, else
+numpy). Large ones use a FAISS inverted-file index, chosen from the gallery's size and a memory
+budget in the manner of autofaiss (a reconstruction of its rule of thumb, not its code):
+
+* fewer than :data:`FLAT_LIMIT` vectors: ``Flat`` (exact);
+* else ``IVF<nlist>,Flat`` with ``nlist`` the power of two nearest ``4 sqrt(n)`` (4,096 lists
+  at 1M), when the full vectors fit the budget;
+* else ``IVF<nlist>,PQ<m>``: product-quantized vectors of ``m`` bytes, the largest ``m`` whose
+  codes fit the budget;
+* ``HNSW32`` on request (no training, more memory: a graph of 32 links per vector).
+
+IVF indexes are trained (k-means) at index time on at most ``40 nlist`` vectors, saved beside
+the gallery's arrays (``first_stage.faiss``) and searched with ``nprobe`` lists per query
+(default :data:`DEFAULT_NPROBE`; settable per query). With ``nprobe = nlist`` an IVF-Flat index
+returns the flat index's result.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+#: Below this many vectors the first stage is exact (one matrix product is fast enough).
+FLAT_LIMIT = 100_000
+#: Inverted lists visited per query unless a query says otherwise.
+DEFAULT_NPROBE = 32
+INDEX_FILE = "first_stage.faiss"
+
+
+class FirstStageError(ValueError):
+    """A first-stage index file is unreadable or does not match its gallery; the message names it."""
+
+
+def choose_spec(n: int, d: int, memory_budget: int | None = None, kind: str = "auto") -> str:
+    """The FAISS ``index_factory`` string for ``n`` vectors of ``d`` dims (see the module doc).
+    ``kind``: ``auto``, ``flat``, ``ivf`` (IVF-Flat or IVF-PQ by the budget) or ``hnsw``."""
+    if kind not in ("auto", "flat", "ivf", "hnsw"):
+        raise ValueError(f"first stage must be auto, flat, ivf or hnsw, not {kind!r}")
+    if kind == "flat" or (kind == "auto" and n < FLAT_LIMIT):
+        return "Flat"
+    if kind == "hnsw":
+        return "HNSW32"
+    nlist = max(1, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n)))))
+    nlist = min(nlist, max(1, n // 39))  # k-means wants about 39 points per list
+    if memory_budget is None or n * d * 4 <= memory_budget:
+        return f"IVF{nlist},Flat"
+    for m in (64, 32, 16, 8, 4):
+        if d % m == 0 and n * m <= memory_budget:
+            return f"IVF{nlist},PQ{m}"
+    raise ValueError(f"{n:,} vectors do not fit a first-stage budget of {memory_budget:,} bytes even at 4 bytes each")
+
+
+class FirstStage:
+    """Maximum-inner-product top-k over ``vectors`` (unit length, ``(N, d)``)."""
+
+    def __init__(self, vectors: np.ndarray | None = None, use_faiss: bool | None = None, spec: str = "Flat",
+                 index=None, seed: int = 0):
+        self.spec, self.faiss, self.vectors = spec, index, None
+        if index is not None:
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if spec == "Flat" and use_faiss is not True:
+            try:
+                import faiss
+            except ImportError:
+                if use_faiss:
+                    raise
+                faiss = None
+            if faiss is None or use_faiss is False:
+                self.vectors = vectors
+                return
+        import faiss
+
+        index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            ivf = faiss.extract_index_ivf(index)
+            rng = np.random.default_rng(seed)
+            sample = vectors if len(vectors) <= 40 * ivf.nlist else vectors[np.sort(rng.choice(len(vectors), 40 * ivf.nlist, replace=False))]
+            ivf.cp.seed = seed
+            index.train(sample)
+        index.add(vectors)
+        _set_nprobe(index, DEFAULT_NPROBE)
+        self.faiss = index
+
+    @property
+    def backend(self) -> str:
+        return "numpy" if self.faiss is None else f"faiss {self.spec}"
+
+    def __len__(self) -> int:
+        return len(self.vectors) if self.faiss is None else self.faiss.ntotal
+
+    def save(self, path: Path) -> None:
+        import faiss
+
+        from fbnet.atomic import atomic_write
+
+        if self.faiss is None:
+            raise ValueError("a numpy first stage is rebuilt from the gallery, not saved")
+        atomic_write(Path(path), lambda fh: fh.write(faiss.serialize_index(self.faiss).tobytes()))
+
+    @classmethod
+    def load(cls, path: Path, expected: int, spec: str) -> "FirstStage":
+        """A saved index; ``expected`` is the gallery's item count (a mismatch is refused)."""
+        import faiss
+
+        path = Path(path)
+        try:
+            index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
+        except Exception as exc:  # FAISS raises RuntimeError with its C++ message
+            raise FirstStageError(f"{path}: unreadable first-stage index ({str(exc).splitlines()[0][:200]}); "
+                                  "re-run `fbnet-serve-cli index`") from None
+        if index.ntotal != expected:
+            raise FirstStageError(f"{path}: holds {index.ntotal:,} vectors but the gallery has {expected:,} items")
+        _set_nprobe(index, DEFAULT_NPROBE)
+        return cls(spec=spec, index=index)
+
+    def top(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and indices ``(Q, k)`` of the ``k`` best items per query, best first. ``nprobe``:
+        inverted lists to visit (IVF; ``efSearch`` for HNSW); ignored by exact indexes."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, len(self))
+        if self.faiss is not None:
+            params = _search_params(self.faiss, nprobe)
+            return self.faiss.search(queries, k, params=params) if params is not None else self.faiss.search(queries, k)
+        scores = queries @ self.vectors.T
+        if k < len(self):
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(len(self)), scores.shape)
+        top = np.take_along_axis(scores, part, axis=1)
+        order = np.lexsort((part, -top), axis=1)  # best first; ties by gallery order
+        return np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1)
+
+
+def _set_nprobe(index, nprobe: int) -> None:
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index
+        return
+    ivf.nprobe = min(nprobe, ivf.nlist)
+
+
+def _search_params(index, nprobe: int | None):
+    import faiss
+
+    if nprobe is None:
+        return None
+    try:
+        faiss.extract_index_ivf(index)
+        return faiss.SearchParametersIVF(nprobe=int(nprobe))
+    except RuntimeError:
+        pass
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=int(nprobe))
+    return None
