@@ -33,6 +33,7 @@ from .gallery import Gallery, GalleryError, build_gallery, list_images, read_cap
 from .retriever import QueryError, Retriever
 from .search import DEFAULT_SHORTLIST, Searcher, hits_json
 from .service import SearchService
+from .stores import STORES
 from .triton_env import TritonEnvError
 
 ERRORS = (BundleError, GalleryError, QueryError, ImageError, BackendUnavailable, TritonEnvError)
@@ -49,12 +50,14 @@ def _retriever(bundle: str, backend: str) -> Retriever:
 @click.option("--captions", type=click.Path(), help="text file, one gallery caption per line")
 @click.option("--out", required=True, type=click.Path(), help="gallery directory to write")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--float16", is_flag=True, help="store features as float16 (half the bytes)")
+@click.option("--float16", is_flag=True, help="store features as float16 (half the bytes; same as --store float16)")
+@click.option("--store", type=click.Choice(STORES), help="how block features are stored: float32 (default), float16, "
+              "or FAISS codes decoded per query (sq8, sq4, residual4, pq; see docs/scale.md)")
 @click.option("--first-stage", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto", show_default=True,
               help="first-stage index: auto = exact below 100,000 items, else FAISS IVF (built and saved here)")
 @click.option("--first-stage-memory", type=int, help="MB for each side's first-stage vectors (IVF-PQ when "
                                                      "the full vectors do not fit)")
-def index_cmd(bundle, image_dir, captions, out, backend, float16, first_stage, first_stage_memory):
+def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_stage, first_stage_memory):
     """Encode a gallery of images and captions once (resumable)."""
     if not image_dir and not captions:
         raise click.UsageError("give --images, --captions, or both")
@@ -62,8 +65,8 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, first_stage, f
     images = list_images(image_dir) if image_dir else []
     caps = read_captions(captions) if captions else []
     t0 = time.time()
-    build_gallery(retriever, images, caps, out, dtype="float16" if float16 else "float32", first_stage=first_stage,
-                  memory_budget=first_stage_memory << 20 if first_stage_memory else None)
+    build_gallery(retriever, images, caps, out, store=store or ("float16" if float16 else "float32"),
+                  first_stage=first_stage, memory_budget=first_stage_memory << 20 if first_stage_memory else None)
     click.echo(f"indexed {len(images)} images and {len(caps)} captions into {out} with "
                f"{retriever.backend.name} in {time.time() - t0:.1f}s")
 

@@ -29,7 +29,8 @@ from fbnet.atomic import atomic_write, atomic_write_text
 from .bundle import Bundle
 from .first_stage import INDEX_FILE, FirstStage, choose_spec
 from .retriever import ImageFeatures, QueryError, Retriever, TextFeatures, concat_images
-from .search import pooled_images, pooled_texts
+from .search import level1_key, pooled_images, pooled_texts
+from .stores import CODED, PLAIN, STORES, CodedBlocks, StoreError, write_coded
 
 GALLERY_KIND = "fbnet-gallery"
 
@@ -60,15 +61,15 @@ def list_images(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in exts)
 
 
-def gallery_meta(bundle: Bundle, images: list, captions: list[str], dtype: str) -> dict:
+def gallery_meta(bundle: Bundle, images: list, captions: list[str], dtype: str, store: str | None = None) -> dict:
     """What ``gallery.json`` records (with the counts added once the gallery is complete)."""
-    return {"kind": GALLERY_KIND, "bundle": bundle.fingerprint, "dtype": dtype,
+    return {"kind": GALLERY_KIND, "bundle": bundle.fingerprint, "dtype": dtype, "store": store or dtype,
             "images": [str(p) for p in images], "captions": captions, "keys": bundle.keys}
 
 
 def build_gallery(retriever: Retriever, images: list[Path], captions: list[str], out: str | Path,
                   part_size: int = 64, dtype: str = "float32", first_stage: str = "auto",
-                  memory_budget: int | None = None) -> Path:
+                  memory_budget: int | None = None, store: str | None = None) -> Path:
     """Encode ``images`` and ``captions`` into the gallery ``out`` (resumable). ``first_stage``
     (``auto``, ``flat``, ``ivf``, ``hnsw``) and ``memory_budget`` (bytes for each side's first-stage
     vectors) choose the first-stage index (:func:`fbnet.runtime.first_stage.choose_spec`); any
@@ -76,7 +77,7 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
     out = Path(out)
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    meta = gallery_meta(retriever.bundle, images, captions, dtype)
+    meta = gallery_meta(retriever.bundle, images, captions, dtype, store)
     plan = work / "plan.json"
     if plan.is_file() and json.loads(plan.read_text()) != meta:
         shutil.rmtree(work)  # a different request: start over
@@ -118,8 +119,9 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
         if spec != "Flat":
             FirstStage(vectors, spec=spec).save(final / side / INDEX_FILE)
         stages[side] = spec
-    atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images),
-                                                         "n_captions": len(captions), "first_stage": stages}, indent=1))
+    coded = _code_features(final, retriever.keys, store) if store in CODED else {}
+    atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images), "n_captions": len(captions),
+                                                         "first_stage": stages, "coded": coded}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(final, out)
@@ -143,8 +145,12 @@ class Gallery:
         self.images: list[str] = meta["images"]
         self.captions: list[str] = meta["captions"]
         keys = meta["keys"]
-        self.image_features = _load_features(root, "images", keys) if self.images else None
-        self.text_features = _load_features(root, "texts", keys) if self.captions else None
+        coded = meta.get("coded", {})
+        try:
+            self.image_features = _load_features(root, "images", keys, coded) if self.images else None
+            self.text_features = _load_features(root, "texts", keys, coded) if self.captions else None
+        except StoreError as exc:
+            raise GalleryError(str(exc)) from None
 
     def first_stage(self, side: str) -> FirstStage | None:
         """The first-stage index saved for ``side`` (``images`` or ``texts``), or None when the
@@ -156,13 +162,41 @@ class Gallery:
         return FirstStage.load(self.root / side / INDEX_FILE, count, spec)
 
 
-def _load_features(root: Path, side: str, keys: list[str]):
-    """A side's arrays, memory-mapped (None when the side is empty)."""
-    load = lambda p: np.load(p, mmap_mode="r")  # noqa: E731
+def _code_features(root: Path, keys: list[str], store: str) -> dict:
+    """Replace every key's array but the first stage's by FAISS codes of its real rows."""
+    coded = {}
+    for side in ("images", "texts"):
+        feats = _load_features(root, side, keys)
+        if feats is None:
+            continue
+        coded[side] = {}
+        arrays = feats.blocks if side == "images" else feats.windows
+        for key in keys:
+            arr, path = arrays[key], root / side / f"{key}.npy"
+            if key == level1_key(keys):  # the first stage's vectors stay plain (float16)
+                np.save(root / side / "f16.npy", np.asarray(arr, dtype=np.float16))
+                del arr, arrays[key]
+                os.replace(root / side / "f16.npy", path)
+                continue
+            per_item = arr.shape[1] // feats.fg_mask.shape[1] if side == "images" and key.startswith("F") else None
+            counts = (np.asarray(feats.fg_mask).sum(axis=1).astype(np.int64) * per_item if per_item
+                      else np.full(arr.shape[0], arr.shape[1], np.int64))
+            coded[side][key] = write_coded(root / side, key, arr, counts, store)
+            del arr, arrays[key]
+            path.unlink()
+    return coded
+
+
+def _load_features(root: Path, side: str, keys: list[str], coded: dict | None = None):
+    """A side's arrays, memory-mapped, or decoded on demand for a coded store (None when the side
+    is empty)."""
+    coded = (coded or {}).get(side, {})
+    load = lambda k: CodedBlocks(root / side, k, coded[k]["shape"]) if k in coded else \
+        np.load(root / side / f"{k}.npy", mmap_mode="r")  # noqa: E731
     if side == "images":
         if not (root / "images" / "fg_mask.npy").is_file():
             return None
-        return ImageFeatures({k: load(root / "images" / f"{k}.npy") for k in keys}, load(root / "images" / "fg_mask.npy"))
-    if not (root / "texts" / f"{keys[0]}.npy").is_file():
+        return ImageFeatures({k: load(k) for k in keys}, np.load(root / "images" / "fg_mask.npy", mmap_mode="r"))
+    if not coded and not (root / "texts" / f"{keys[0]}.npy").is_file():
         return None
-    return TextFeatures({k: load(root / "texts" / f"{k}.npy") for k in keys})
+    return TextFeatures({k: load(k) for k in keys})

@@ -37,14 +37,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _level1_key(keys: list[str]) -> str:
+def level1_key(keys: list[str]) -> str:
+    """The key whose vectors the first stage ranks (B-Net's level 1, else F-Net's)."""
     return "B1" if "B1" in keys else "F1"
 
 
 def pooled_images(feats: ImageFeatures) -> np.ndarray:
     """First-stage image embeddings ``(N, d)``: the level-1 block(s) of the first branch, averaged
     over real boxes for F-Net."""
-    key = _level1_key(list(feats.blocks))
+    key = level1_key(list(feats.blocks))
     blocks = np.asarray(feats.blocks[key], dtype=np.float32)
     if key == "B1":
         return _unit(blocks[:, 0])
@@ -54,7 +55,7 @@ def pooled_images(feats: ImageFeatures) -> np.ndarray:
 
 def pooled_texts(feats: TextFeatures) -> np.ndarray:
     """First-stage caption embeddings ``(N, d)``: the level-1 text window (the whole caption)."""
-    return _unit(feats.windows[_level1_key(list(feats.windows))][:, 0])
+    return _unit(feats.windows[level1_key(list(feats.windows))][:, 0])
 
 
 @dataclass
