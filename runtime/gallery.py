@@ -119,7 +119,7 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
         if spec != "Flat":
             FirstStage(vectors, spec=spec).save(final / side / INDEX_FILE)
         stages[side] = spec
-    coded = _code_features(final, retriever.keys, store) if store in CODED else {}
+    coded = code_features(final, retriever.keys, store) if store in CODED else {}
     atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images), "n_captions": len(captions),
                                                          "first_stage": stages, "coded": coded}, indent=1))
     if out.exists():
@@ -162,8 +162,9 @@ class Gallery:
         return FirstStage.load(self.root / side / INDEX_FILE, count, spec)
 
 
-def _code_features(root: Path, keys: list[str], store: str) -> dict:
-    """Replace every key's array but the first stage's by FAISS codes of its real rows."""
+def code_features(root: Path, keys: list[str], store: str) -> dict:
+    """Replace every key's array in the gallery directory ``root`` but the first stage's by FAISS
+    codes of its real rows; return gallery.json's ``coded`` record."""
     coded = {}
     for side in ("images", "texts"):
         feats = _load_features(root, side, keys)

@@ -68,8 +68,11 @@ def test_one_caption_rerank_runs_the_reranker_graph_with_the_scorers_values(serv
         many = retriever.score(g.image_features, texts)  # 5 captions x 9 windows >= 36 blocks: scorer
         assert set(used) == {"scorer"}
         used.clear()
-        one = retriever.score(g.image_features, texts.take(slice(1, 2)))  # one caption: reranker
-        assert set(used) == {"reranker"}
+        # one caption: the reranker for every box-count group whose blocks outnumber its 9 windows
+        # (a one-box group has K = 9 blocks at F-Net level 3: the scorer is no dearer there)
+        one = retriever.score(g.image_features, texts.take(slice(1, 2)))
+        counts = {int(n) for n in np.asarray(g.image_features.fg_mask).sum(axis=1)}
+        assert "reranker" in used if max(counts) > 1 else set(used) == {"scorer"}
     finally:
         retriever.backend.run = run
     assert np.allclose(one[:, 0], many[:, 1], atol=1e-5)
