@@ -309,7 +309,7 @@ def runtime_recall(retriever, gallery: Gallery, owner: np.ndarray, shortlist: in
     return out
 
 
-def storage_section(bundle, retriever, dataset, work: Path, shortlist: int) -> str:
+def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8_dir: Path | None = None) -> str:
     """Every store against float32 on the Flickr8k dev gallery: bytes and two-stage R@K. The
     features are encoded once (float32); each store is made from them as ``index --store`` would."""
     items = dataset.split("val")
@@ -355,6 +355,19 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int) -> s
         lines.append(f"| `{store}` | {size('images') / len(images):,.0f} | {size('texts') / len(captions):,.0f} | "
                      f"{i2t} | {t2i} | {r['rsum']:.1f} | {r['rsum'] - base:+.1f} |")
         print(lines[-1], flush=True)
+    if int8_dir is not None:  # the same dev gallery, its images encoded by the INT8 graphs
+        int8 = open_bundle(int8_dir)
+        r8 = Retriever(int8, OnnxRuntimeBackend(int8))
+        root = work / "dev-int8-float32"
+        if not (root / "gallery.json").is_file():
+            build_gallery(r8, images, captions, root)
+        r = runtime_recall(r8, Gallery(root, int8), owner, shortlist)
+        i2t = " / ".join(f"{r['i2t r@%d' % x]:.1f}" for x in RECALL_KS)
+        t2i = " / ".join(f"{r['t2i r@%d' % x]:.1f}" for x in RECALL_KS)
+        lines.append(f"| `float32`, INT8 detector + image encoder (`fbnet export --int8`) | | | {i2t} | {t2i} | "
+                     f"{r['rsum']:.1f} | {r['rsum'] - base:+.1f} |")
+        lines += ["", f"INT8 target: at most 1.0 R@sum lost on Flickr8k dev: "
+                  f"{'met' if r['rsum'] - base >= -1.0 else '**not met**'} ({r['rsum'] - base:+.1f})."]
     lines += ["", "Target: a store at <= 20 KB per image that loses <= 1.0 R@sum against float32.", ""]
     return "\n".join(lines)
 
@@ -405,6 +418,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--shortlist", type=int, default=100)
+    ap.add_argument("--int8-bundle", type=Path, help="with the storage section: also the dev gallery encoded by "
+                                                     "this `fbnet export --int8` copy of the bundle")
     ap.add_argument("--sections", default="scorer,latency,quality,storage,coldstart")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
@@ -431,7 +446,7 @@ def main() -> None:
         write_section(args.out, "## Two-stage quality", quality_section(args.checkpoint.parent / "scores-val.npz"))
     if "storage" in sections:
         write_section(args.out, "## Gallery storage",
-                      storage_section(bundle, retriever, dataset, args.work, args.shortlist))
+                      storage_section(bundle, retriever, dataset, args.work, args.shortlist, args.int8_bundle))
     if "coldstart" in sections:
         synthetic_gallery(bundle, 1000, args.work)
         write_section(args.out, "## Cold start vs warm server",

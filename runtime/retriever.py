@@ -122,37 +122,26 @@ class Retriever:
         return isinstance(fg["shape"][1], str) and "F1" in self.keys
 
     def score(self, images: ImageFeatures, texts: TextFeatures, per_key: bool = False):
-        """Fused similarity ``(I, C)`` (eq. 7), and the per-key matrices when ``per_key``. Images
-        go to the scorer grouped by box count, each group cut to its count, so padded box slots
-        cost nothing (exact: masked blocks never enter eqs. 13-15)."""
+        """Fused similarity ``(I, C)`` (eq. 7), and the per-key matrices when ``per_key``. Pairs go
+        to the scorer in memory-bounded chunks; within a chunk, images are grouped by box count and
+        each group is cut to its count, so padded box slots cost nothing (exact: masked blocks never
+        enter eqs. 13-15)."""
         n_img, n_cap = len(images), len(texts)
-        fused = np.zeros((n_img, n_cap), np.float32)
-        parts = {k: np.zeros((n_img, n_cap), np.float32) for k in self.keys} if per_key else None
-        groups = images.box_groups() if self.dynamic_boxes else [(slice(None), self.max_boxes)]
-        for rows, boxes in groups:
-            group = images.take(rows).cut_boxes(boxes) if self.dynamic_boxes else images
-            out = self._score_group(group, texts, boxes)
-            fused[rows] = out[0]
-            if per_key:
-                for k, s in zip(self.keys, out[1:]):
-                    parts[k][rows] = s
-        return (fused, parts) if per_key else fused
-
-    def _score_group(self, images: ImageFeatures, texts: TextFeatures, boxes: int) -> list[np.ndarray]:
-        n_img, n_cap = len(images), len(texts)
-        outs = [np.zeros((n_img, n_cap), np.float32) for _ in range(1 + len(self.keys))]
+        outs = [np.zeros((n_img, n_cap), np.float32) for _ in range(1 + len(self.keys) if per_key else 1)]
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
-        max_blocks = self.max_windows * (boxes if "F1" in self.keys else 1)  # K of the largest key
         for isl, csl in pair_chunks(n_img, n_cap, self.max_pairs, self.max_items):
             im, tx = images.take(isl), texts.take(csl)
-            feeds = {"fg_mask": f32(im.fg_mask)}
-            feeds.update({f"blocks_{k}": f32(im.blocks[k]) for k in self.keys})
-            feeds.update({f"windows_{k}": f32(tx.windows[k]) for k in self.keys})
-            few = (csl.stop - csl.start) * self.max_windows < max_blocks
-            for o, got in zip(outs, self.backend.run("reranker" if few and self.bundle.graph("reranker") else "scorer",
-                                                     feeds)):
-                o[isl, csl] = got
-        return outs
+            windows = {f"windows_{k}": f32(tx.windows[k]) for k in self.keys}
+            groups = im.box_groups() if self.dynamic_boxes else [(slice(None), self.max_boxes)]
+            for rows, boxes in groups:
+                g = im.take(rows).cut_boxes(boxes) if self.dynamic_boxes else im
+                feeds = {"fg_mask": f32(g.fg_mask), **{f"blocks_{k}": f32(g.blocks[k]) for k in self.keys}, **windows}
+                k_largest = self.max_windows * (boxes if "F1" in self.keys else 1)  # K of the largest key
+                few = (csl.stop - csl.start) * self.max_windows < k_largest
+                got = self.backend.run("reranker" if few and self.bundle.graph("reranker") else "scorer", feeds)
+                for out, value in zip(outs, got):
+                    out[isl, csl][rows] = value
+        return (outs[0], dict(zip(self.keys, outs[1:]))) if per_key else outs[0]
 
 
 def pair_chunks(n_img: int, n_cap: int, max_pairs: int, max_items: int):
