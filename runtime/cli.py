@@ -29,10 +29,11 @@ from fbnet.preprocess import MAX_PIXELS, ImageError
 
 from .backends import BACKENDS, BackendUnavailable, select_backend
 from .bundle import BundleError, open_bundle
-from .gallery import Gallery, GalleryError, build_gallery, list_images, read_captions
+from .gallery import GalleryError, build_gallery, list_images, open_gallery, read_captions
 from .retriever import QueryError, Retriever
 from .search import DEFAULT_SHORTLIST, Searcher, hits_json
 from .service import SearchService
+from .shards import build_sharded
 from .stores import STORES
 from .triton_env import TritonEnvError
 
@@ -55,9 +56,12 @@ def _retriever(bundle: str, backend: str) -> Retriever:
               "or FAISS codes decoded per query (sq8, sq4, residual4, pq; see docs/scale.md)")
 @click.option("--first-stage", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto", show_default=True,
               help="first-stage index: auto = exact below 100,000 items, else FAISS IVF (built and saved here)")
+@click.option("--shard-size", type=click.IntRange(min=1), help="write shards of this many images and captions "
+              "(each committed on its own; an interrupted job resumes at the first missing shard)")
 @click.option("--first-stage-memory", type=int, help="MB for each side's first-stage vectors (IVF-PQ when "
                                                      "the full vectors do not fit)")
-def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_stage, first_stage_memory):
+def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_stage, shard_size,
+              first_stage_memory):
     """Encode a gallery of images and captions once (resumable)."""
     if not image_dir and not captions:
         raise click.UsageError("give --images, --captions, or both")
@@ -65,8 +69,12 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_s
     images = list_images(image_dir) if image_dir else []
     caps = read_captions(captions) if captions else []
     t0 = time.time()
-    build_gallery(retriever, images, caps, out, store=store or ("float16" if float16 else "float32"),
-                  first_stage=first_stage, memory_budget=first_stage_memory << 20 if first_stage_memory else None)
+    options = {"store": store or ("float16" if float16 else "float32"), "first_stage": first_stage,
+               "memory_budget": first_stage_memory << 20 if first_stage_memory else None}
+    if shard_size:
+        build_sharded(retriever, images, caps, out, shard_size, **options)
+    else:
+        build_gallery(retriever, images, caps, out, **options)
     click.echo(f"indexed {len(images)} images and {len(caps)} captions into {out} with "
                f"{retriever.backend.name} in {time.time() - t0:.1f}s")
 
@@ -88,7 +96,7 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, npro
     if not images and not texts:
         raise click.UsageError("give query images, or --text \"a caption\"")
     retriever = _retriever(bundle, backend)
-    g = Gallery(gallery, retriever.bundle)
+    g = open_gallery(gallery, retriever.bundle)
     # the queries' own errors (unreadable image, empty caption) come first
     image_queries = retriever.encode_images(list(images)) if images else None
     text_queries = retriever.encode_texts(list(texts)) if texts else None
@@ -146,7 +154,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     retriever = _retriever(bundle, backend)
-    g = Gallery(gallery, retriever.bundle)  # a bad gallery fails here, before the port opens
+    g = open_gallery(gallery, retriever.bundle)  # a bad gallery fails here, before the port opens
     server = SearchServer(lambda: SearchService(retriever, g, shortlist, rerank_lanes),
                           ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                       max_pixels=max_pixels))
@@ -179,7 +187,7 @@ def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortl
     from .triton import serve_pytriton
 
     retriever = _retriever(bundle, backend)
-    service = SearchService(retriever, Gallery(gallery, retriever.bundle), shortlist, rerank_lanes)
+    service = SearchService(retriever, open_gallery(gallery, retriever.bundle), shortlist, rerank_lanes)
     service.warm()
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):

@@ -201,3 +201,10 @@ def _load_features(root: Path, side: str, keys: list[str], coded: dict | None = 
     if not coded and not (root / "texts" / f"{keys[0]}.npy").is_file():
         return None
     return TextFeatures({k: load(k) for k in keys})
+
+
+def open_gallery(root: str | Path, bundle: Bundle):
+    """A gallery directory, sharded (``shards.json``) or not."""
+    from .shards import SHARDS_FILE, ShardedGallery
+
+    return ShardedGallery(root, bundle) if (Path(root) / SHARDS_FILE).is_file() else Gallery(root, bundle)

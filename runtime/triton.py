@@ -123,7 +123,7 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415  (only inside Triton)
 
         from .bundle import open_bundle
-        from .gallery import Gallery
+        from .gallery import open_gallery
         from .retriever import Retriever
 
         config = json.loads(args["model_config"])
@@ -131,7 +131,7 @@ class TritonPythonModel:
         self.pb, self.kind = pb_utils, params["kind"]
         bundle = open_bundle(params["bundle"])
         retriever = Retriever(bundle, BLSBackend(bundle, pb_utils, params["graph_suffix"]))
-        self.service = SearchService(retriever, Gallery(params["gallery"], bundle), int(params["shortlist"]))
+        self.service = SearchService(retriever, open_gallery(params["gallery"], bundle), int(params["shortlist"]))
 
     def execute(self, requests):
         pb, per_request, queries = self.pb, [], []

@@ -1,0 +1,184 @@
+"""Sharded galleries: several gallery directories searched as one.
+
+::
+
+    GALLERY/
+      shards.json            bundle fingerprint, the shards in order, their item counts
+      shard-00000/           a complete gallery (``gallery.json``, ``images/``, ``texts/``)
+      shard-00001/ ...
+
+``fbnet-serve-cli index --shard-size N`` writes shard after shard, each built and renamed into
+place on its own, so an interrupted job resumes at the first missing shard; ``shards.json`` is
+written last. Item ``i`` of the sharded gallery is item ``i - start`` of the shard whose range
+holds it. Searching concatenates the shards' features lazily (:class:`ConcatRows`: a query reads
+only the rows it re-ranks) and merges the shards' first stages (:class:`MergedStage`), so two-stage
+search returns what one gallery holding the same items returns.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle
+from .first_stage import FirstStage
+from .retriever import ImageFeatures, TextFeatures
+
+SHARDS_KIND = "fbnet-gallery-shards"
+SHARDS_FILE = "shards.json"
+
+
+class ConcatRows:
+    """Row-wise concatenation of arrays (memory maps, coded blocks) without copying them."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(self.shape[0])[index]
+        single = np.ndim(rows) == 0
+        rows = np.atleast_1d(rows)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        for s in np.unique(shard):
+            sel = shard == s
+            out[sel] = self.parts[s][rows[sel] - self.starts[s]]
+        return out[0] if single else out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate([np.asarray(p) for p in self.parts])
+        return out if dtype is None else out.astype(dtype)
+
+
+class MergedStage:
+    """The shards' first stages as one: each shard's top k, ids offset by the shard's start, merged
+    by score (ties by gallery order, as one flat index orders them)."""
+
+    def __init__(self, stages: list[FirstStage], starts: np.ndarray):
+        self.stages, self.starts = stages, starts
+
+    @property
+    def backend(self) -> str:
+        return f"{len(self.stages)} shards of {self.stages[0].backend}"
+
+    def __len__(self) -> int:
+        return int(sum(len(s) for s in self.stages))
+
+    def top(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = [], []
+        for stage, start in zip(self.stages, self.starts):
+            s, i = stage.top(queries, k, nprobe)
+            scores.append(s)
+            ids.append(np.where(i >= 0, i + start, -1))
+        scores, ids = np.concatenate(scores, axis=1), np.concatenate(ids, axis=1)
+        scores = np.where(ids >= 0, scores, -np.inf)
+        order = np.lexsort((ids, -scores), axis=1)[:, : min(k, len(self))]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+class ConcatList:
+    """Item names (image paths or captions) of several shards, indexed as one list."""
+
+    def __init__(self, parts: list[list[str]]):
+        self.parts = parts
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        s = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return self.parts[s][i - int(self.starts[s])]
+
+    def __iter__(self):
+        for p in self.parts:
+            yield from p
+
+
+class ShardedGallery:
+    """The :class:`~fbnet.runtime.gallery.Gallery` interface over the shards listed in ``shards.json``."""
+
+    def __init__(self, root: str | Path, bundle: Bundle):
+        from .gallery import Gallery, GalleryError
+
+        root = Path(root)
+        path = root / SHARDS_FILE
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GalleryError(f"{path} line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        if meta.get("kind") != SHARDS_KIND:
+            raise GalleryError(f"{path}: not an fbnet shard list")
+        if meta.get("bundle") != bundle.fingerprint:
+            raise GalleryError(f"{path}: made with another bundle; re-run `fbnet-serve-cli index` with this bundle")
+        self.root, self.meta = root, meta
+        self.shards = []
+        for entry in meta["shards"]:
+            shard = Gallery(root / entry["path"], bundle)
+            if len(shard.images) != entry["images"] or len(shard.captions) != entry["captions"]:
+                raise GalleryError(f"{root / entry['path']}: holds {len(shard.images)} images and "
+                                   f"{len(shard.captions)} captions, {path} lists {entry['images']} and "
+                                   f"{entry['captions']} (a shard from another index job?)")
+            self.shards.append(shard)
+        self.images = ConcatList([s.images for s in self.shards])
+        self.captions = ConcatList([s.captions for s in self.shards])
+        self.image_features = self._concat("image_features")
+        self.text_features = self._concat("text_features")
+
+    def _concat(self, side: str):
+        parts = [getattr(s, side) for s in self.shards if getattr(s, side) is not None]
+        if not parts:
+            return None
+        if side == "image_features":
+            return ImageFeatures({k: ConcatRows([p.blocks[k] for p in parts]) for k in parts[0].blocks},
+                                 ConcatRows([p.fg_mask for p in parts]))
+        return TextFeatures({k: ConcatRows([p.windows[k] for p in parts]) for k in parts[0].windows})
+
+    def first_stage(self, side: str) -> MergedStage | None:
+        """The shards' saved first stages merged (None when they search exactly: the searcher then
+        builds one flat index over all shards)."""
+        with_items = [s for s in self.shards if len(s.images if side == "images" else s.captions)]
+        stages = [s.first_stage(side) for s in with_items]
+        if not stages or any(st is None for st in stages):
+            return None
+        counts = [len(s.images if side == "images" else s.captions) for s in with_items]
+        return MergedStage(stages, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+
+
+def build_sharded(retriever, images: list, captions: list[str], out: str | Path, shard_size: int, **options) -> Path:
+    """Index ``images`` and ``captions`` into shards of ``shard_size`` images and captions each
+    (:func:`~fbnet.runtime.gallery.build_gallery` per shard; finished shards are kept on resume)."""
+    from fbnet.atomic import atomic_write_text
+
+    from .gallery import build_gallery, gallery_meta
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = max(len(images), len(captions))
+    entries = []
+    for i, lo in enumerate(range(0, max(n, 1), shard_size)):
+        part_images, part_captions = images[lo: lo + shard_size], captions[lo: lo + shard_size]
+        path = out / f"shard-{i:05d}"
+        done = path / "gallery.json"
+        want = gallery_meta(retriever.bundle, part_images, part_captions, "")
+        if not (done.is_file() and _same_items(json.loads(done.read_text()), want)):
+            build_gallery(retriever, part_images, part_captions, path, **options)
+        entries.append({"path": path.name, "images": len(part_images), "captions": len(part_captions)})
+    atomic_write_text(out / SHARDS_FILE, json.dumps({"kind": SHARDS_KIND, "bundle": retriever.bundle.fingerprint,
+                                                     "shard_size": shard_size, "shards": entries}, indent=1))
+    return out
+
+
+def _same_items(meta: dict, want: dict) -> bool:
+    return all(meta.get(k) == want[k] for k in ("bundle", "images", "captions"))
