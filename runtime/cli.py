@@ -58,10 +58,15 @@ def _retriever(bundle: str, backend: str) -> Retriever:
               help="first-stage index: auto = exact below 100,000 items, else FAISS IVF (built and saved here)")
 @click.option("--shard-size", type=click.IntRange(min=1), help="write shards of this many images and captions "
               "(each committed on its own; an interrupted job resumes at the first missing shard)")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="index on Ray: a cluster's address (ray://host:10001, auto), or none for a local cluster; "
+                   "writes shards (--shard-size, default 1000)")
+@click.option("--ray-workers", default=2, show_default=True, help="with --ray: encoder actors")
+@click.option("--ray-gpus-per-worker", default=0.0, show_default=True, help="with --ray: GPUs per actor")
 @click.option("--first-stage-memory", type=int, help="MB for each side's first-stage vectors (IVF-PQ when "
                                                      "the full vectors do not fit)")
-def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_stage, shard_size,
-              first_stage_memory):
+def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_stage, shard_size, ray_address,
+              ray_workers, ray_gpus_per_worker, first_stage_memory):
     """Encode a gallery of images and captions once (resumable)."""
     if not image_dir and not captions:
         raise click.UsageError("give --images, --captions, or both")
@@ -71,7 +76,14 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_s
     t0 = time.time()
     options = {"store": store or ("float16" if float16 else "float32"), "first_stage": first_stage,
                "memory_budget": first_stage_memory << 20 if first_stage_memory else None}
-    if shard_size:
+    if ray_address:
+        from .ray_index import index_on_ray
+
+        index_on_ray(bundle, images, caps, out, shard_size or 1000, workers=ray_workers,
+                     address=None if ray_address == "local" else ray_address,
+                     backend="onnxruntime" if backend == "auto" and not ray_gpus_per_worker else backend,
+                     gpus_per_worker=ray_gpus_per_worker, log=click.echo, **options)
+    elif shard_size:
         build_sharded(retriever, images, caps, out, shard_size, **options)
     else:
         build_gallery(retriever, images, caps, out, **options)

@@ -18,6 +18,7 @@ search returns what one gallery holding the same items returns.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,28 +157,57 @@ class ShardedGallery:
         return MergedStage(stages, np.concatenate([[0], np.cumsum(counts)[:-1]]))
 
 
-def build_sharded(retriever, images: list, captions: list[str], out: str | Path, shard_size: int, **options) -> Path:
-    """Index ``images`` and ``captions`` into shards of ``shard_size`` images and captions each
-    (:func:`~fbnet.runtime.gallery.build_gallery` per shard; finished shards are kept on resume)."""
-    from fbnet.atomic import atomic_write_text
+@dataclass
+class ShardJob:
+    """One shard of an index job: its directory and items, and whether it is already built."""
 
-    from .gallery import build_gallery, gallery_meta
+    path: Path
+    images: list
+    captions: list[str]
+    done: bool
+
+
+def plan_shards(bundle: Bundle, images: list, captions: list[str], out: str | Path, shard_size: int) -> list[ShardJob]:
+    """The shards of ``out`` for these items; a shard whose gallery holds exactly its items (and
+    this bundle's fingerprint) is done, so a resumed job skips it."""
+    from .gallery import gallery_meta
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    n = max(len(images), len(captions))
-    entries = []
-    for i, lo in enumerate(range(0, max(n, 1), shard_size)):
+    jobs = []
+    for i, lo in enumerate(range(0, max(len(images), len(captions), 1), shard_size)):
         part_images, part_captions = images[lo: lo + shard_size], captions[lo: lo + shard_size]
-        path = out / f"shard-{i:05d}"
-        done = path / "gallery.json"
-        want = gallery_meta(retriever.bundle, part_images, part_captions, "")
-        if not (done.is_file() and _same_items(json.loads(done.read_text()), want)):
-            build_gallery(retriever, part_images, part_captions, path, **options)
-        entries.append({"path": path.name, "images": len(part_images), "captions": len(part_captions)})
-    atomic_write_text(out / SHARDS_FILE, json.dumps({"kind": SHARDS_KIND, "bundle": retriever.bundle.fingerprint,
+        path, want = out / f"shard-{i:05d}", gallery_meta(bundle, part_images, part_captions, "")
+        done = (path / "gallery.json").is_file() and _same_items(json.loads((path / "gallery.json").read_text()), want)
+        jobs.append(ShardJob(path, part_images, part_captions, done))
+    return jobs
+
+
+def finish_shards(bundle: Bundle, out: str | Path, jobs: list[ShardJob], shard_size: int) -> Path:
+    """Write ``shards.json`` once every shard is built (the last step of an index job)."""
+    from fbnet.atomic import atomic_write_text
+
+    out = Path(out)
+    missing = [str(j.path) for j in jobs if not (j.path / "gallery.json").is_file()]
+    if missing:
+        raise RuntimeError(f"shards not built: {', '.join(missing)}")
+    entries = [{"path": j.path.name, "images": len(j.images), "captions": len(j.captions)} for j in jobs]
+    atomic_write_text(out / SHARDS_FILE, json.dumps({"kind": SHARDS_KIND, "bundle": bundle.fingerprint,
                                                      "shard_size": shard_size, "shards": entries}, indent=1))
     return out
+
+
+def build_sharded(retriever, images: list, captions: list[str], out: str | Path, shard_size: int, **options) -> Path:
+    """Index ``images`` and ``captions`` into shards of ``shard_size`` images and captions each, in
+    this process (:func:`~fbnet.runtime.gallery.build_gallery` per shard; finished shards are kept
+    on resume). :func:`fbnet.runtime.ray_index.index_on_ray` builds the same shards on a Ray cluster."""
+    from .gallery import build_gallery
+
+    jobs = plan_shards(retriever.bundle, images, captions, out, shard_size)
+    for job in jobs:
+        if not job.done:
+            build_gallery(retriever, job.images, job.captions, job.path, **options)
+    return finish_shards(retriever.bundle, out, jobs, shard_size)
 
 
 def _same_items(meta: dict, want: dict) -> bool:
