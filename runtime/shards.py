@@ -26,12 +26,13 @@ import numpy as np
 from .bundle import Bundle
 from .first_stage import FirstStage
 from .retriever import ImageFeatures, TextFeatures
+from .stores import LazyRows
 
 SHARDS_KIND = "fbnet-gallery-shards"
 SHARDS_FILE = "shards.json"
 
 
-class ConcatRows:
+class ConcatRows(LazyRows):
     """Row-wise concatenation of arrays (memory maps, coded blocks) without copying them."""
 
     def __init__(self, parts: list):
@@ -40,13 +41,8 @@ class ConcatRows:
         self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
         self.dtype = parts[0].dtype
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def __getitem__(self, index) -> np.ndarray:
-        rows = np.arange(self.shape[0])[index]
-        single = np.ndim(rows) == 0
-        rows = np.atleast_1d(rows)
+        rows, single = self._rows(index)
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
         for s in np.unique(shard):

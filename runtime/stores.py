@@ -100,7 +100,21 @@ def write_coded(directory: Path, key: str, blocks: np.ndarray, counts: np.ndarra
     return {"shape": [n, k, d], "bytes_per_vector": int(codec.sa_code_size()), "vectors": int(offsets[-1])}
 
 
-class CodedBlocks:
+class LazyRows:
+    """An array-like of ``shape`` whose rows are produced on indexing (``rows[index]``)."""
+
+    shape: tuple
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, index) -> tuple[np.ndarray, bool]:
+        """The row numbers ``index`` selects, and whether it selected a single row."""
+        rows = np.arange(self.shape[0])[index]
+        return np.atleast_1d(rows), np.ndim(rows) == 0
+
+
+class CodedBlocks(LazyRows):
     """A key's blocks as FAISS codes: indexing decodes the rows asked for into ``(n, K, d)``
     float32 unit vectors, zero past each item's real blocks (as the image encoder pads)."""
 
@@ -126,13 +140,8 @@ class CodedBlocks:
             raise StoreError(f"{paths['codes.npy']}: {len(self.codes):,} codes of {self.codes.shape[1]} bytes do not "
                              f"match {paths['offsets.npy'].name} and the codec (truncated or mixed files)")
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def __getitem__(self, index) -> np.ndarray:
-        rows = np.arange(self.shape[0])[index]
-        single = np.ndim(rows) == 0
-        rows = np.atleast_1d(rows)
+        rows, single = self._rows(index)
         starts, lens = self.offsets[rows], np.diff(self.offsets)[rows]
         out = np.zeros((len(rows), *self.shape[1:]), np.float32)
         if lens.sum():
