@@ -193,3 +193,12 @@ def test_parity_passes_on_onnxruntime(trained, bundle, tmp_path):
     result = json.loads((tmp_path / "p.json").read_text())
     assert abs(result["map_diff"]) <= 0.005 and result["top10_agreement_i2t"] > 0.99
     assert result["max_score_diff"] < 1e-3
+
+
+def test_tensorrt_profiles_cover_the_box_axis():
+    """TensorRT needs min/opt/max for every dynamic axis: 1..J boxes, u**2 blocks a box."""
+    from fbnet.export.tensorrt import profile_shapes
+
+    assert profile_shapes(["images", "boxes"], 9) == ((1, 1), (8, 3), (64, 9))
+    assert profile_shapes(["images", "box_blocks_3", 512], 9) == ((1, 9, 512), (8, 27, 512), (64, 81, 512))
+    assert profile_shapes([1, 3, 416, 416], 9) is None
