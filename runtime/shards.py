@@ -41,14 +41,13 @@ class ConcatRows(LazyRows):
         self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
         self.dtype = parts[0].dtype
 
-    def __getitem__(self, index) -> np.ndarray:
-        rows, single = self._rows(index)
+    def _take(self, rows: np.ndarray) -> np.ndarray:
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
         for s in np.unique(shard):
             sel = shard == s
             out[sel] = self.parts[s][rows[sel] - self.starts[s]]
-        return out[0] if single else out
+        return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.concatenate([np.asarray(p) for p in self.parts])

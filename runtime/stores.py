@@ -101,17 +101,24 @@ def write_coded(directory: Path, key: str, blocks: np.ndarray, counts: np.ndarra
 
 
 class LazyRows:
-    """An array-like of ``shape`` whose rows are produced on indexing (``rows[index]``)."""
+    """An array-like of ``shape`` whose rows are produced on indexing: ``a[rows]`` or
+    ``a[rows, ...]`` (the rest of the index applies to the rows produced)."""
 
     shape: tuple
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _rows(self, index) -> tuple[np.ndarray, bool]:
-        """The row numbers ``index`` selects, and whether it selected a single row."""
-        rows = np.arange(self.shape[0])[index]
-        return np.atleast_1d(rows), np.ndim(rows) == 0
+    def __getitem__(self, index) -> np.ndarray:
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        rows = np.arange(self.shape[0])[first]
+        out = self._take(np.atleast_1d(rows))
+        out = out[0] if np.ndim(rows) == 0 else out
+        return out[(slice(None), *rest)] if rest and np.ndim(rows) else out[rest] if rest else out
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (an int array) as a new array."""
+        raise NotImplementedError
 
 
 class CodedBlocks(LazyRows):
@@ -140,8 +147,7 @@ class CodedBlocks(LazyRows):
             raise StoreError(f"{paths['codes.npy']}: {len(self.codes):,} codes of {self.codes.shape[1]} bytes do not "
                              f"match {paths['offsets.npy'].name} and the codec (truncated or mixed files)")
 
-    def __getitem__(self, index) -> np.ndarray:
-        rows, single = self._rows(index)
+    def _take(self, rows: np.ndarray) -> np.ndarray:
         starts, lens = self.offsets[rows], np.diff(self.offsets)[rows]
         out = np.zeros((len(rows), *self.shape[1:]), np.float32)
         if lens.sum():
@@ -150,4 +156,4 @@ class CodedBlocks(LazyRows):
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             slot = np.arange(self.shape[1])[None, :] < lens[:, None]
             out[slot] = vectors
-        return out[0] if single else out
+        return out

@@ -68,6 +68,15 @@ def test_sharded_gallery_searches_as_one(bundle, gallery_inputs, tmp_path):
     listing.write_text(json.dumps(meta))
     with pytest.raises(GalleryError, match="shard-00001: holds 5 images .* lists 4"):
         open_gallery(tmp_path / "sharded", b)
+    meta["shards"][1]["images"] = 5
+    listing.write_text(json.dumps(meta))
     shutil.rmtree(tmp_path / "sharded" / "shard-00002")
     with pytest.raises(GalleryError, match="shard-00002/gallery.json: missing"):
         open_gallery(tmp_path / "sharded", b)
+
+
+def test_lazy_rows_take_trailing_indices():
+    parts = [np.arange(24, dtype=np.float32).reshape(4, 2, 3), np.arange(6, dtype=np.float32).reshape(1, 2, 3)]
+    whole, rows = np.concatenate(parts), ConcatRows(parts)
+    for index in ((slice(None), 0), ([4, 1], 1, 2), (2, slice(None), 1), 3):
+        np.testing.assert_array_equal(rows[index], whole[index])
