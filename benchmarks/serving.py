@@ -166,7 +166,8 @@ def start_baseline(ref: str, bundle: Path, gallery: Path, port: int, work: Path)
     """The server as it was at git ``ref`` (the standard library's ``http.server``, one lock, no
     batching)."""
     src = source_at(ref, work)
-    cmd = [sys.executable, "-m", "fbnet.runtime.cli", "serve", "--bundle", str(bundle), "--gallery", str(gallery),
+    # -P: the working directory (this checkout) must not shadow the version on PYTHONPATH
+    cmd = [sys.executable, "-P", "-m", "fbnet.runtime.cli", "serve", "--bundle", str(bundle), "--gallery", str(gallery),
            "--port", str(port), "--quiet"]
     return Server(cmd, port, f"http://127.0.0.1:{port}/health", env={**os.environ, "PYTHONPATH": str(src)})
 
