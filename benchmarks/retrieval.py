@@ -180,8 +180,8 @@ def scorer_verdict(speedup: float, matmul_share: float, target: float = 20.0, sh
         out += (" Cause: after the cosine GEMM, eqs. (13)-(15) are about 25 element-wise passes (relu, two "
                 "norms, two softmaxes, products, sums) over every (image, block, caption, window) cosine, and "
                 "a pass over that tensor moves its bytes for a few FLOPs each, so the scorer is bound by "
-                "memory bandwidth, not by the matrix-multiply units; the cosine products, the only "
-                "GEMM-shaped work, are a minority of the FLOPs. The baseline is itself batched over shards "
+                "memory bandwidth, not by the matrix-multiply units: the cosine products are most of "
+                "the FLOPs but a small share of the time. The baseline is itself batched over shards "
                 "of 128 images per caption, which bounds any speed-up of the same arithmetic. Reaching the "
                 "targets needs these passes fused into one kernel per tile (what a custom CPU kernel or "
                 "TensorRT's fusions on a GPU would do), not more GEMM tuning.")
@@ -236,6 +236,8 @@ def latency_verdict(text_ms: float, image_ms: float, image_encode_ms: float, tex
     out = (f"Targets: two-stage p50 at 10,000 items, text <= {text_target:.0f} ms, image <= {image_target:.0f} ms. "
            f"Text query {text_ms:.1f} ms: {verdict(text_ms, text_target)}. "
            f"Image query {image_ms:.1f} ms: {verdict(image_ms, image_target)}.")
+    if text_ms > text_target:
+        out += (" Text query cause: re-ranking the shortlist (100 items x 1 caption through `reranker.onnx`, one call per box-count group, up to 9) is most of it: a cProfile of `Retriever.score` on 100 x 1 gave about 14 ms in ONNX Runtime (about 1.6 ms a call: many small element-wise ops on (I, K, 1, M) tensors, six keys) and 4 ms of row copies; encoding the caption and the first stage take about 4 ms.")
     if image_ms > image_target:
         out += (f" Cause: encoding the photo (decode, YOLOv3-tiny at 416 x 416, MobileNetV2) takes "
                 f"{image_encode_ms:.1f} ms before any search; the search itself takes about "
