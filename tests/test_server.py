@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -126,12 +127,26 @@ def running(server: SearchServer):
 
 
 def request(url, data=None, method=None, headers=None, timeout=60):
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    """One HTTP request; an answer the server sends before the body is all sent (413 for an
+    oversized body, then it closes) is still read, whatever the timing."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers, exc.read()
+        conn.putrequest(method or ("POST" if data is not None else "GET"), u.path + ("?" + u.query if u.query else ""))
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        if data is not None:
+            conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders()
+        if data is not None:
+            try:
+                conn.send(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server answered early and closed; its answer is waiting to be read
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
 
 
 def call(url, data=None, method=None, headers=None):
