@@ -311,6 +311,11 @@ def runtime_recall(retriever, gallery: Gallery, owner: np.ndarray, shortlist: in
     return out
 
 
+def recall_cells(r: dict) -> tuple[str, str]:
+    """``R@1 / R@5 / R@10`` of both directions, as the tables print them."""
+    return tuple(" / ".join(f"{r[f'{d} r@{x}']:.1f}" for x in RECALL_KS) for d in ("i2t", "t2i"))
+
+
 def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8_dir: Path | None = None) -> str:
     """Every store against float32 on the Flickr8k dev gallery: bytes and two-stage R@K. The
     features are encoded once (float32); each store is made from them as ``index --store`` would."""
@@ -352,8 +357,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
         size = lambda side: sum(f.stat().st_size for f in (root / side).iterdir())  # noqa: E731
         r = runtime_recall(retriever, Gallery(root, bundle), owner, shortlist)
         base = r["rsum"] if base is None else base
-        i2t = " / ".join(f"{r['i2t r@%d' % x]:.1f}" for x in RECALL_KS)
-        t2i = " / ".join(f"{r['t2i r@%d' % x]:.1f}" for x in RECALL_KS)
+        i2t, t2i = recall_cells(r)
         lines.append(f"| `{store}` | {size('images') / len(images):,.0f} | {size('texts') / len(captions):,.0f} | "
                      f"{i2t} | {t2i} | {r['rsum']:.1f} | {r['rsum'] - base:+.1f} |")
         print(lines[-1], flush=True)
@@ -364,8 +368,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
         if not (root / "gallery.json").is_file():
             build_gallery(r8, images, captions, root)
         r = runtime_recall(r8, Gallery(root, int8), owner, shortlist)
-        i2t = " / ".join(f"{r['i2t r@%d' % x]:.1f}" for x in RECALL_KS)
-        t2i = " / ".join(f"{r['t2i r@%d' % x]:.1f}" for x in RECALL_KS)
+        i2t, t2i = recall_cells(r)
         lines.append(f"| `float32`, INT8 detector + image encoder (`fbnet export --int8`) | | | {i2t} | {t2i} | "
                      f"{r['rsum']:.1f} | {r['rsum'] - base:+.1f} |")
         lines += ["", f"INT8 target: at most 1.0 R@sum lost on Flickr8k dev: "

@@ -75,6 +75,9 @@ class Retriever:
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
         #: windows M of the largest key (level 3)
         self.max_windows = self.levels ** 2
+        #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
+        fg = next(i for i in bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask")
+        self.dynamic_boxes = isinstance(fg["shape"][1], str) and "F1" in self.keys
 
     # -- images -------------------------------------------------------------------------
     def detect(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,12 +118,6 @@ class Retriever:
         return TextFeatures({k: np.concatenate([p.windows[k] for p in parts]) for k in self.keys})
 
     # -- scores -------------------------------------------------------------------------
-    @property
-    def dynamic_boxes(self) -> bool:
-        """Whether the scorer graphs take any box count (bundles before that take exactly J)."""
-        fg = next(i for i in self.bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask")
-        return isinstance(fg["shape"][1], str) and "F1" in self.keys
-
     def score(self, images: ImageFeatures, texts: TextFeatures, per_key: bool = False):
         """Fused similarity ``(I, C)`` (eq. 7), and the per-key matrices when ``per_key``. Pairs go
         to the scorer in memory-bounded chunks; within a chunk, images are grouped by box count and
