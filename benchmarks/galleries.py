@@ -13,9 +13,24 @@ from fbnet.runtime.retriever import ImageFeatures, TextFeatures
 
 
 def key_shapes(bundle) -> dict[str, tuple[int, int]]:
-    """(blocks K, windows M) per key, e.g. F3 -> (J * 9, 9)."""
-    j = bundle.model["max_boxes"]
-    return {k: ((1 if k[0] == "B" else j) * int(k[1]) ** 2, int(k[1]) ** 2) for k in bundle.keys}
+    """(blocks K, windows M) per key, e.g. F3 -> (J * 9, 9); a word key has ``max_words`` units."""
+    j, words = bundle.model["max_boxes"], set(bundle.model.get("word_keys", ()))
+    return {k: ((1 if k[0] == "B" else j) * int(k[1]) ** 2, bundle.model["max_words"] if k in words else int(k[1]) ** 2)
+            for k in bundle.keys}
+
+
+#: Mean words per Flickr8k caption (the recipe's vocabulary: 11.8); synthetic word keys draw
+#: caption lengths around it and zero the rest, as the text encoder pads.
+FLICKR8K_WORDS = (6, 18)
+
+
+def text_units(rng, bundle, key: str, n: int, m: int, d: int) -> np.ndarray:
+    """Unit window features, or for a word key unit word features zero past a drawn length."""
+    x = unit(rng, n, m, d)
+    if key in bundle.model.get("word_keys", ()):
+        lengths = rng.integers(*FLICKR8K_WORDS, size=n, endpoint=True)
+        x *= (np.arange(m)[None, :] < lengths[:, None])[:, :, None]
+    return x
 
 
 def unit(rng, *shape) -> np.ndarray:
@@ -44,7 +59,7 @@ def synthetic(bundle, n_img: int, n_cap: int, seed: int = 0) -> tuple[ImageFeatu
         if k[0] == "F":  # zero the blocks of absent boxes, as the image encoder does
             b *= np.repeat(mask, kk // bundle.model["max_boxes"], axis=1)[:, :, None]
         blocks[k] = b
-    return ImageFeatures(blocks, mask), TextFeatures({k: unit(rng, n_cap, m, d) for k, (_, m) in shapes.items()})
+    return ImageFeatures(blocks, mask), TextFeatures({k: text_units(rng, bundle, k, n_cap, m, d) for k, (_, m) in shapes.items()})
 
 
 
@@ -73,7 +88,8 @@ def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dty
             arr = np.lib.format.open_memmap(out / side / f"{k}.npy", mode="w+", dtype=dtype, shape=(n, s[which], d))
             for start in range(0, min(n, random_rows), 1000):
                 stop = min(start + 1000, n, random_rows)
-                arr[start:stop] = unit(rng, stop - start, s[which], d)
+                arr[start:stop] = text_units(rng, bundle, k, stop - start, s[which], d) if side == "texts" else \
+                    unit(rng, stop - start, s[which], d)
             if k in ("B1", "F1"):  # first-stage vectors are random for every row
                 for start in range(random_rows, n, 10_000):
                     arr[start: start + 10_000] = unit(rng, min(10_000, n - start), s[which], d)

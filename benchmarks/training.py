@@ -111,7 +111,8 @@ def random_step_seconds(config: Path, device: str, steps: int, box_probs: list[f
     counts = rng.choice(np.arange(1, len(box_probs) + 1), size=n_images, p=box_probs)
     feats = SplitFeatures(rng.normal(size=(n_images, nb, c)).astype(np.float16),
                           rng.normal(size=(n_images, j, nb, c)).astype(np.float16),
-                          np.arange(j)[None] < counts[:, None], np.zeros((n_images, j, 4), np.float32))
+                          np.arange(j)[None] < counts[:, None], np.zeros((n_images, j, 4), np.float32),
+                          canvas=cfg.model.backbone.image_size)
     lengths = rng.integers(4, cfg.data.max_words, size=5 * n_images)
     caps = Captions(rng.integers(2, vocab, size=(5 * n_images, cfg.data.max_words)), lengths,
                     np.repeat(np.arange(n_images), 5), None, None)
@@ -186,8 +187,8 @@ def main() -> None:
             for name, rs in runs.items()}
     before, after = rows[next(iter(rows))], min(rows.values(), key=lambda r: r["epoch_s"])
     lines = ["## Training speed", "",
-             f"`python benchmarks/training.py` on {machine()}. Config `{args.config.relative_to(ROOT)}` on "
-             f"`{args.data.relative_to(ROOT)}` (cached features); per run, the median of {args.steps} steps "
+             f"`python benchmarks/training.py` on {machine()}. Config `{shown(args.config)}` on "
+             f"`{shown(args.data)}` (cached features); per run, the median of {args.steps} steps "
              "after one warm-up step, times the steps of one epoch (validation not included); "
              f"{args.repeats} runs of each version, alternating, and their median (range in brackets). "
              "Both versions take the same batches.", "",
@@ -198,6 +199,12 @@ def main() -> None:
     lines += ["", f"Speed-up, best of this code against the baseline: **{before['epoch_s'] / after['epoch_s']:.2f}x** "
               "(target 2x).", ""]
     write_section(args.out, "## Training speed", "\n".join(lines))
+
+
+def shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (given relative or absolute)."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fbnet.models.backbone import BlockEncoder
-from fbnet.models.fbnet import BRANCH_KEY, FBNet, Fusion, fuse
+from fbnet.models.fbnet import BRANCH_KEY, Fusion
 from fbnet.windows import blocks_per_level, blocks_upto
 
 
@@ -46,19 +46,20 @@ class DetectorGraph(nn.Module):
 
 
 class ImageEncoderGraph(nn.Module):
-    def __init__(self, encoder: BlockEncoder, model: FBNet, max_boxes: int):
+    def __init__(self, encoder: BlockEncoder, model, max_boxes: int):
         super().__init__()
         self.encoder, self.model, self.j = encoder, model, max_boxes
 
     def forward(self, image: torch.Tensor, block_boxes: torch.Tensor, fg_mask: torch.Tensor):
-        n = image.shape[0]
-        feats = self.encoder(image, block_boxes).reshape(n, 1 + self.j, blocks_upto(self.model.levels), -1)
-        enc = self.model.encode_images(feats[:, 0], feats[:, 1:], fg_mask, static_shapes=True)
+        n, nb = image.shape[0], blocks_upto(self.model.levels)
+        feats = self.encoder(image, block_boxes).reshape(n, 1 + self.j, nb, -1)
+        regions = block_boxes.reshape(n, 1 + self.j, nb, 4)[:, 1:, 0] / image.shape[-1]  # F-Net boxes, level 1
+        enc = self.model.encode_images(feats[:, 0], feats[:, 1:], fg_mask, regions, static_shapes=True)
         return tuple(enc[k][0] for k in self.model.keys)
 
 
 class TextEncoderGraph(nn.Module):
-    def __init__(self, model: FBNet):
+    def __init__(self, model):
         super().__init__()
         self.model = model
 
@@ -70,7 +71,7 @@ class TextEncoderGraph(nn.Module):
 class ScorerGraph(nn.Module):
     """Inputs: ``fg_mask`` then, per key, the blocks; then, per key, the windows."""
 
-    def __init__(self, model: FBNet, fusion: Fusion, attended_images: str = "gram"):
+    def __init__(self, model, fusion: Fusion, attended_images: str = "gram"):
         super().__init__()
         self.model, self.fusion, self.attended_images = model, fusion, attended_images
 
@@ -86,14 +87,17 @@ class ScorerGraph(nn.Module):
                 mask = fg_mask.to(b.dtype).repeat_interleave(blocks_per_level(level), dim=1)
             images[key] = (b, mask)
         sims = self.model.similarities(images, dict(zip(keys, windows)), self.attended_images, static_shapes=True)
-        return (fuse(sims, self.fusion), *(sims[k] for k in keys))
+        return (self.model.fuse(sims, self.fusion), *(sims[k] for k in keys))
 
 
-def graph_io(model: FBNet, max_boxes: int) -> dict[str, dict]:
+def graph_io(model, max_boxes: int) -> dict[str, dict]:
     """Input/output names and dynamic axes of every graph (what the manifest records)."""
     keys = model.keys
     blocks = [key_name("blocks", *k) for k in keys]
     windows = [key_name("windows", *k) for k in keys]
+    # word units (the region-word models): as many as the caption's words
+    text_axes = {key_name("windows", *k): ({0: "captions", 1: "words"} if k in model.word_keys else {0: "captions"})
+                 for k in keys}
     sims = [key_name("sim", *k) for k in keys]
     # the box axis is dynamic too: the runtime scores gallery chunks grouped by box count, each
     # cut to its count (F-Net level u has u**2 blocks a box: axis "box_blocks_<u>")
@@ -101,7 +105,7 @@ def graph_io(model: FBNet, max_boxes: int) -> dict[str, dict]:
     scorer = {"inputs": ["fg_mask", *blocks, *windows], "outputs": ["similarity", *sims],
               "dynamic": {"fg_mask": {0: "images", 1: "boxes"},
                           **{n: {0: "images", **({1: box_axis[n]} if n in box_axis else {})} for n in blocks},
-                          **{n: {0: "captions"} for n in windows},
+                          **text_axes,
                           **{n: {0: "images", 1: "captions"} for n in ["similarity", *sims]}}}
     return {
         "detector": {"inputs": ["image"], "outputs": ["boxes", "scores"], "dynamic": {}},
@@ -109,7 +113,7 @@ def graph_io(model: FBNet, max_boxes: int) -> dict[str, dict]:
                           "dynamic": {n: {0: "images"} for n in ["image", "block_boxes", "fg_mask", *blocks]}},
         "text_encoder": {"inputs": ["ids", "lengths"], "outputs": windows,
                          "dynamic": {"ids": {0: "captions", 1: "words"}, "lengths": {0: "captions"},
-                                     **{n: {0: "captions"} for n in windows}}},
+                                     **text_axes}},
         "scorer": scorer,
         "reranker": scorer,
     }

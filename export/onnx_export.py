@@ -61,7 +61,8 @@ def compare(path: Path, module: torch.nn.Module, args: tuple, inputs: list[str])
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {name: a.numpy() for name, a in zip(inputs, args)}
+    used = {i.name for i in sess.get_inputs()}  # an input the graph never reads is not in it (e.g. no F-Net: no fg_mask)
+    feed = {name: a.numpy() for name, a in zip(inputs, args) if name in used}
     got = sess.run(None, feed)
     with torch.no_grad():
         ref = module(*args)

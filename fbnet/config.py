@@ -61,6 +61,9 @@ class DetectorConfig:
 
 @dataclass
 class ModelConfig:
+    #: Which model scores the pairs (see :mod:`fbnet.models.registry`): ``fbnet`` (this paper),
+    #: ``scan``, ``dsrln``, ``rgf`` or ``sfe`` (the related region-word models).
+    name: str = "fbnet"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     #: Joint embedding size d (paper: 1024).
@@ -74,6 +77,15 @@ class ModelConfig:
     #: Inverse softmax temperatures of the stacked cross attention (eqs. 13-15).
     delta1: float = 4.0
     delta2: float = 9.0
+    #: Region-word models: SCAN's attention direction (``t2i``, ``i2t`` or ``both``), pooling of
+    #: the unit relevances (``avg`` or ``lse``) and LogSumExp's lambda_2 (Lee et al. 2018).
+    direction: str = "t2i"
+    pooling: str = "lse"
+    lse_lambda: float = 6.0
+    #: Region-word models: attention heads of their self- and cross-attention steps, and SFE's
+    #: number of semantic concepts (external cues).
+    heads: int = 4
+    concepts: int = 64
 
 
 @dataclass
@@ -156,6 +168,15 @@ class FBNetConfig:
 
     def validate(self) -> None:
         m = self.model
+        from .models.registry import MODELS
+
+        if m.name not in MODELS:
+            raise ConfigError(f"model.name: unknown model {m.name!r} (known: {', '.join(MODELS)})")
+        if m.direction not in ("t2i", "i2t", "both") or m.pooling not in ("avg", "lse"):
+            raise ConfigError(f"model.direction must be t2i, i2t or both and model.pooling avg or lse, "
+                              f"not {m.direction!r} / {m.pooling!r}")
+        if m.embed_dim % m.heads:
+            raise ConfigError(f"model.heads ({m.heads}) must divide model.embed_dim ({m.embed_dim})")
         if m.backbone.name not in ("alexnet", "mobilenet_v2", "resnet18", "detector"):
             raise ConfigError(f"model.backbone.name: unknown backbone {m.backbone.name!r}")
         if m.backbone.mode not in ("roi", "crop"):

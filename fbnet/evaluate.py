@@ -12,15 +12,17 @@ from .checkpoint import load_checkpoint
 from .config import FBNetConfig
 from .data.manifest import load_dataset
 from .metrics import PR_LEVELS, RECALL_KS, chance_map, retrieval_report
-from .models.fbnet import BRANCH_KEY, FBNet, Fusion, fuse
+from .models.fbnet import BRANCH_KEY, Fusion
+from .models.registry import build_model
 from .pipeline import Captions, feature_cache, frozen_from_checkpoint, score_split, split_features
 from .vocab import Vocabulary
 
 
-def load_model(ckpt: dict) -> tuple[FBNetConfig, FBNet, Vocabulary, Fusion]:
+def load_model(ckpt: dict):
+    """``(config, model, vocabulary, fusion weights)`` of a checkpoint (any registered model)."""
     cfg = FBNetConfig.from_dict(ckpt["config"], "checkpoint config")
     vocab = Vocabulary.from_json(ckpt["vocab"])
-    model = FBNet(cfg.model, len(vocab), ckpt["feature_dim"])
+    model = build_model(cfg.model, len(vocab), ckpt["feature_dim"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     return cfg, model, vocab, Fusion(**ckpt["fusion"])
@@ -41,11 +43,11 @@ def evaluate(ckpt_path: str | Path, split: str = "test", data: str | None = None
         detector, encoder = frozen_from_checkpoint(cfg, ckpt)
         feats = split_features(cfg, items, detector, encoder, feature_cache(cfg, ckpt_path.parent), split)
         sims = score_split(model, feats, caps, cfg.train.eval_chunk)
-    fused = fuse(sims, fusion)
+    fused = model.fuse(sims, fusion)
     report = retrieval_report(fused, caps.image, caps.image_labels, caps.labels)
     report["split"], report["checkpoint"] = split, str(ckpt_path)
     report["chance_map"] = chance_map(caps.image, caps.image_labels, caps.labels)
-    report["fusion"] = vars(fusion)
+    report["fusion"], report["model"] = vars(fusion), cfg.model.name
     out = Path(out) if out else ckpt_path.parent
     atomic_write_text(out / f"metrics-{split}.json", json.dumps(report, indent=1))
     atomic_write(out / f"scores-{split}.npz", lambda fh: np.savez(
@@ -85,7 +87,7 @@ def plot_pr(report: dict, path: Path) -> Path:
     ax.set_xlabel("recall")
     ax.set_ylabel("interpolated precision")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"FB-Net precision-recall ({report.get('split', '')})")
+    ax.set_title(f"{report.get('model', 'fbnet')} precision-recall ({report.get('split', '')})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

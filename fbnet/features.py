@@ -22,7 +22,7 @@ from .data.manifest import Item
 from .models.backbone import BlockEncoder
 from .models.detector import Detector, detect
 from .preprocess import load_image
-from .windows import blocks_upto, image_block_boxes
+from .windows import blocks_upto, branch_blocks, image_block_boxes
 
 
 @dataclass
@@ -31,16 +31,31 @@ class SplitFeatures:
     foreground: np.ndarray  # (N, J, B, C) float16
     fg_mask: np.ndarray  # (N, J) bool
     boxes: np.ndarray  # (N, J, 4) detector boxes on the canvas (0 where none)
+    canvas: int = 0  # side of the canvas the boxes are on
 
-    def tensors(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float tensors of the images at ``index``. Real boxes come first in ``fg_mask``, so box
-        slots past the largest box count among these images are padding in every one of them;
-        they are dropped (exact: masked blocks never enter eqs. 13-15) to spare F-Net's work."""
+    def tensors(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float tensors of the images at ``index``: B-Net blocks, F-Net blocks, the box mask and
+        the F-Net regions' boxes (see :meth:`region_boxes`). Real boxes come first in ``fg_mask``,
+        so box slots past the largest box count among these images are padding in every one of
+        them; they are dropped (exact: masked blocks never enter eqs. 13-15) to spare F-Net's work."""
         mask = np.array(self.fg_mask[index])
         j = max(1, int(mask.sum(axis=1).max())) if len(mask) else mask.shape[1]
         take = lambda a: torch.from_numpy(np.array(a[index, :j]))  # noqa: E731  (copies out of the memmap)
         return (torch.from_numpy(np.array(self.background[index])).float(), take(self.foreground).float(),
-                torch.from_numpy(mask[:, :j]))
+                torch.from_numpy(mask[:, :j]), take(self.region_boxes()))
+
+    def region_boxes(self) -> np.ndarray:
+        """The box each F-Net region covers, ``(N, J, 4)`` as fractions of the canvas: the detector's
+        boxes laid out as :func:`~fbnet.windows.branch_blocks` lays them for the image encoder (the
+        whole image where none was found; padded slots repeat it), so training reads the geometry
+        the exported image encoder reads. Computed once."""
+        if getattr(self, "_regions", None) is None:
+            size, j = float(self.canvas), self.fg_mask.shape[1]
+            out = np.empty((len(self.fg_mask), j, 4), np.float32)
+            for i, b in enumerate(np.asarray(self.boxes, dtype=np.float32)):
+                out[i] = branch_blocks(size, b[np.any(b != 0, axis=1)], 1, j)[1][:, 0]
+            self._regions = out / size
+        return self._regions
 
 
 @torch.no_grad()
@@ -78,7 +93,7 @@ def compute_features(items: list[Item], encoder: BlockEncoder, detector: Detecto
         parts["fg"].append(fg.numpy().astype(dtype))
         parts["mask"].append(mask.numpy())
         parts["boxes"].append(boxes.numpy())
-    return SplitFeatures(*(np.concatenate(parts[k]) for k in ("bg", "fg", "mask", "boxes")))
+    return SplitFeatures(*(np.concatenate(parts[k]) for k in ("bg", "fg", "mask", "boxes")), canvas=image_size)
 
 
 def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
@@ -87,7 +102,7 @@ def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector |
     """Features for ``items``, from ``cache`` when its key matches, else extracted (float16) and cached."""
     cache = Path(cache)
     if (cache / "key").is_file() and (cache / "key").read_text() == key:
-        return load_split(cache)
+        return load_split(cache, image_size)
     feats = compute_features(items, encoder, detector, image_size=image_size, levels=levels,
                              max_boxes=max_boxes, batch_size=batch_size, desc=desc)
     with atomic_dir(cache) as tmp:
@@ -95,9 +110,9 @@ def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector |
                                (feats.background, feats.foreground, feats.fg_mask, feats.boxes)):
             np.save(tmp / f"{name}.npy", array)
         (tmp / "key").write_text(key)
-    return load_split(cache)
+    return load_split(cache, image_size)
 
 
-def load_split(cache: Path) -> SplitFeatures:
+def load_split(cache: Path, canvas: int) -> SplitFeatures:
     load = lambda name: np.load(cache / f"{name}.npy", mmap_mode="r")  # noqa: E731
-    return SplitFeatures(load("bg"), load("fg"), load("mask"), load("boxes"))
+    return SplitFeatures(load("bg"), load("fg"), load("mask"), load("boxes"), canvas)

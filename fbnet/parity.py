@@ -16,7 +16,6 @@ from .data.manifest import load_dataset
 from .evaluate import load_model
 from .features import compute_features
 from .metrics import RECALL_KS, retrieval_report
-from .models.fbnet import fuse
 from .pipeline import Captions, frozen_from_checkpoint, score_split
 
 TOLERANCE = {"float32": 0.005, "float16": 0.01, "int8": 0.02}
@@ -45,7 +44,7 @@ def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto
     feats = compute_features(items, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
                              max_boxes=m.detector.max_boxes, dtype=np.float32, desc=f"pytorch[{split}]")
     caps = Captions.from_items(items, vocab, cfg.data.max_words, dataset.has_labels)
-    torch_scores = fuse(score_split(model, feats, caps, cfg.train.eval_chunk), fusion)
+    torch_scores = model.fuse(score_split(model, feats, caps, cfg.train.eval_chunk), fusion)
 
     bundle = open_bundle(bundle_path)
     retriever = Retriever(bundle, select_backend(bundle, backend))

@@ -100,6 +100,13 @@ class Captions:
         return torch.from_numpy(self.ids[index, :width]), torch.from_numpy(lengths)
 
 
+def cat_units(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Text units of several caption chunks as one ``(C, M, d)`` tensor: a word key's chunks
+    differ in length and are zero-padded to the longest (padding is what the scorer masks)."""
+    m = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0, 0, m - p.shape[1])) for p in parts])
+
+
 @torch.no_grad()
 def score_split(model: FBNet, feats: SplitFeatures, caps: Captions, chunk: int = 256):
     """Per-(branch, level) similarity matrices ``(images, captions)`` as float32 numpy arrays."""
@@ -111,7 +118,7 @@ def score_split(model: FBNet, feats: SplitFeatures, caps: Captions, chunk: int =
         enc = model.encode_texts(*(t.to(device) for t in caps.tensors(slice(start, start + chunk))))
         for key, v in enc.items():
             texts.setdefault(key, []).append(v)
-    texts = {k: torch.cat(v) for k, v in texts.items()}
+    texts = {k: cat_units(v) for k, v in texts.items()}
     out = {key: np.zeros((n_img, n_cap), dtype=np.float32) for key in model.keys}
     img_chunk = max(1, chunk // 4)
     for start in range(0, n_img, img_chunk):

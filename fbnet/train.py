@@ -35,7 +35,8 @@ from .data.manifest import Dataset, DatasetError
 from .losses import pair_loss
 from .metrics import retrieval_report
 from .models.detector import finetune
-from .models.fbnet import FBNet, Fusion, fuse
+from .models.fbnet import Fusion
+from .models.registry import build_model
 from .features import SplitFeatures
 from .pipeline import Captions, build_frozen, feature_cache, score_split, split_features
 from .preprocess import load_image
@@ -91,7 +92,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
              Vocabulary.build([c for it in dataset.split("train") for c in it.captions], cfg.data.min_word_count))
     caps = {s: Captions.from_items(dataset.split(s), vocab, cfg.data.max_words, labelled) for s in feats}
 
-    model = FBNet(cfg.model, len(vocab), encoder.out_dim)
+    model = build_model(cfg.model, len(vocab), encoder.out_dim)
     if state is None and cfg.data.word_vectors:
         _init_word_vectors(model, vocab, cfg.data.word_vectors, echo)
     device = training_device(tc.device)
@@ -154,14 +155,15 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     best_ckpt = load_checkpoint(out / "best.pt")
     model.load_state_dict(best_ckpt["model"])
     val_sims = score_split(model, feats["val"], caps["val"], tc.eval_chunk)
-    fusion, val = choose_fusion(val_sims, caps["val"], tc.fusion_grid)
-    echo(f"fusion weights (val): alpha={fusion.alpha} beta={fusion.beta} lambda={fusion.lam}")
+    fusion, val = choose_fusion(model, val_sims, caps["val"], tc.fusion_grid)
+    if cfg.model.name == "fbnet":
+        echo(f"fusion weights (val): alpha={fusion.alpha} beta={fusion.beta} lambda={fusion.lam}")
     save_checkpoint(out / "best.pt", {**best_ckpt, "fusion": vars(fusion), "val_metrics": _summary(val)})
     log_event(out, event="fusion", fusion=vars(fusion), val=_summary(val))
     return out / "best.pt", val_sims
 
 
-def train_step(model: FBNet, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: SplitFeatures,
+def train_step(model, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: SplitFeatures,
                caps: Captions, idx: np.ndarray) -> float:
     """One optimisation step on the captions ``idx`` and their images: the loss of every
     (branch, level) similarity matrix, summed (Algorithm 1); returns the loss."""
@@ -236,7 +238,7 @@ def _scale_boxes(item, size):
     return [[b[0] * size / w, b[1] * size / h, b[2] * size / w, b[3] * size / h, b[4]] for b in item.boxes]
 
 
-def _init_word_vectors(model: FBNet, vocab: Vocabulary, path: str, echo) -> None:
+def _init_word_vectors(model, vocab: Vocabulary, path: str, echo) -> None:
     vectors, dim = load_word_vectors(path, set(vocab.words))
     if dim != model.cfg.word_dim:
         raise ValueError(f"{path}: vectors are {dim}-d but model.word_dim is {model.cfg.word_dim}")
@@ -251,18 +253,20 @@ def _init_word_vectors(model: FBNet, vocab: Vocabulary, path: str, echo) -> None
 
 def _val_report(model, feats, caps, fusion, chunk):
     sims = score_split(model, feats, caps, chunk)
-    return retrieval_report(fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
+    return retrieval_report(model.fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
 
 
-def choose_fusion(sims: dict, caps: Captions, grid) -> tuple[Fusion, dict]:
-    """Grid search of eq. (7)'s alpha, beta, lambda for the best validation MAP."""
+def choose_fusion(model, sims: dict, caps: Captions, grid) -> tuple[Fusion, dict]:
+    """Grid search of eq. (7)'s alpha, beta, lambda for the best validation MAP (FB-Net; the
+    related models fuse with weights of their own, so their grid is one point)."""
     has_fg = any(b == "foreground" for b, _ in sims)
     levels = max(u for _, u in sims)
+    grid = grid if model.cfg.name == "fbnet" else (1.0,)
     best = None
     for alpha, beta, lam in itertools.product(grid if has_fg else (1.0,), grid if levels > 1 else (1.0,),
                                               grid if levels > 2 else (1.0,)):
         fusion = Fusion(alpha, beta, lam)
-        rep = retrieval_report(fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
+        rep = retrieval_report(model.fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
         score = rep[rep["primary"]]["map"]
         if best is None or score > best[0] + 1e-12:
             best = (score, fusion, rep)

@@ -3,10 +3,12 @@
 ::
 
     GALLERY/
-      gallery.json                 bundle fingerprint, image paths, captions, dtype, counts
+      gallery.json                 bundle fingerprint, dtype, store, counts
+      items/images.jsonl           image paths, one JSON string a line (+ images.offsets.npy)
+      items/captions.jsonl         captions likewise (read on demand: fbnet.runtime.items)
       images/<key>.npy             (N_images, K, d) block embeddings per key (B1 ... F3)
       images/fg_mask.npy           (N_images, J)
-      texts/<key>.npy              (N_captions, u**2, d) window embeddings per key
+      texts/<key>.npy              (N_captions, u**2, d) window embeddings per key (word keys: max_words)
       images/first_stage.faiss     large galleries: the first-stage IVF index (texts/ likewise)
 
 Indexing works in parts under ``GALLERY.partial/`` (each part written atomically), so an
@@ -16,6 +18,7 @@ A gallery remembers its bundle's fingerprint and is refused by any other bundle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,11 +31,14 @@ from fbnet.atomic import atomic_write, atomic_write_text
 
 from .bundle import Bundle
 from .first_stage import INDEX_FILE, FirstStage, choose_spec
-from .retriever import ImageFeatures, QueryError, Retriever, TextFeatures, concat_images
+from .items import ItemList, ItemsError, write_items
+from .retriever import ImageFeatures, QueryError, Retriever, TextFeatures, concat_images, real_units
 from .search import level1_key, pooled_images, pooled_texts
-from .stores import CODED, PLAIN, STORES, CodedBlocks, StoreError, write_coded
+from .stores import CODED, CodedBlocks, StoreError, write_coded
 
 GALLERY_KIND = "fbnet-gallery"
+#: Where a gallery keeps its item names (image paths, captions): line files, read on demand.
+ITEMS_DIR = "items"
 
 
 class GalleryError(ValueError):
@@ -62,9 +68,17 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def gallery_meta(bundle: Bundle, images: list, captions: list[str], dtype: str, store: str | None = None) -> dict:
-    """What ``gallery.json`` records (with the counts added once the gallery is complete)."""
+    """What an index request is (the resumable plan); ``gallery.json`` records it with the item
+    lists replaced by their digest (the items go to line files) and the counts added."""
+    images = [str(p) for p in images]
     return {"kind": GALLERY_KIND, "bundle": bundle.fingerprint, "dtype": dtype, "store": store or dtype,
-            "images": [str(p) for p in images], "captions": captions, "keys": bundle.keys}
+            "images": images, "captions": list(captions), "items_sha256": items_digest(images, captions),
+            "keys": bundle.keys}
+
+
+def items_digest(images: list, captions: list[str]) -> str:
+    """sha256 of the item names (what tells a finished shard holds exactly the items asked for)."""
+    return hashlib.sha256(json.dumps([[str(p) for p in images], list(captions)]).encode()).hexdigest()
 
 
 def build_gallery(retriever: Retriever, images: list[Path], captions: list[str], out: str | Path,
@@ -119,9 +133,12 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
         if spec != "Flat":
             FirstStage(vectors, spec=spec).save(final / side / INDEX_FILE)
         stages[side] = spec
-    coded = code_features(final, retriever.keys, store) if store in CODED else {}
+    coded = code_features(final, retriever.keys, store, retriever.word_keys) if store in CODED else {}
+    for side in ("images", "captions"):  # item names as line files, read on demand (see fbnet.runtime.items)
+        write_items(final / ITEMS_DIR, side, meta.pop(side))
     atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images), "n_captions": len(captions),
-                                                         "first_stage": stages, "coded": coded}, indent=1))
+                                                         "items": ITEMS_DIR, "first_stage": stages, "coded": coded},
+                                                        indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(final, out)
@@ -142,8 +159,12 @@ class Gallery:
             raise GalleryError(f"{root}: made with another bundle (its fingerprint differs from "
                                f"{bundle.root / 'manifest.json'}); re-run `fbnet-serve-cli index` with this bundle")
         self.root, self.meta = root, meta
-        self.images: list[str] = meta["images"]
-        self.captions: list[str] = meta["captions"]
+        try:
+            self.images, self.captions = (
+                ItemList(root / meta["items"], side, meta[f"n_{side}"]) if "items" in meta else meta[side]
+                for side in ("images", "captions"))  # galleries before line files list them in gallery.json
+        except ItemsError as exc:
+            raise GalleryError(str(exc)) from None
         keys = meta["keys"]
         coded = meta.get("coded", {})
         try:
@@ -162,7 +183,7 @@ class Gallery:
         return FirstStage.load(self.root / side / INDEX_FILE, count, spec)
 
 
-def code_features(root: Path, keys: list[str], store: str) -> dict:
+def code_features(root: Path, keys: list[str], store: str, word_keys=()) -> dict:
     """Replace every key's array in the gallery directory ``root`` but the first stage's by FAISS
     codes of its real rows; return gallery.json's ``coded`` record."""
     coded = {}
@@ -179,9 +200,13 @@ def code_features(root: Path, keys: list[str], store: str) -> dict:
                 del arr, arrays[key]
                 os.replace(root / side / "f16.npy", path)
                 continue
-            per_item = arr.shape[1] // feats.fg_mask.shape[1] if side == "images" and key.startswith("F") else None
-            counts = (np.asarray(feats.fg_mask).sum(axis=1).astype(np.int64) * per_item if per_item
-                      else np.full(arr.shape[0], arr.shape[1], np.int64))
+            if side == "images" and key.startswith("F"):  # u**2 blocks a real box
+                counts = np.asarray(feats.fg_mask).sum(axis=1).astype(np.int64) * (arr.shape[1] // feats.fg_mask.shape[1])
+            elif side == "texts" and key in word_keys:  # words: as many as the caption has
+                counts = np.concatenate([real_units(np.asarray(arr[i:i + 8192], np.float32))
+                                         for i in range(0, len(arr), 8192)]).astype(np.int64)
+            else:
+                counts = np.full(arr.shape[0], arr.shape[1], np.int64)
             coded[side][key] = write_coded(root / side, key, arr, counts, store)
             del arr, arrays[key]
             path.unlink()

@@ -51,7 +51,8 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    """Text-window embeddings per key: ``(N, u**2, d)``."""
+    """Text-window embeddings per key: ``(N, u**2, d)`` (FB-Net), or word embeddings ``(N, L, d)``
+    for a region-word model's word keys, zero past each caption's words."""
 
     windows: dict[str, np.ndarray]
 
@@ -73,11 +74,19 @@ class Retriever:
         self.keys = bundle.keys
         m = bundle.model
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
+        #: keys whose text units are words: padded to ``max_words`` so every caption's array has one shape
+        self.word_keys = set(m.get("word_keys", ()))
         #: windows M of the largest key (level 3)
         self.max_windows = self.levels ** 2
         #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
-        fg = next(i for i in bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask")
-        self.dynamic_boxes = isinstance(fg["shape"][1], str) and "F1" in self.keys
+        #: each graph's inputs: a model without F-Net keys has no ``fg_mask`` in its scorer
+        self.inputs = {name: {i["name"] for i in spec["inputs"]} for name, spec in bundle.manifest["graphs"].items()}
+        fg = next((i for i in bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask"), None)
+        self.dynamic_boxes = fg is not None and isinstance(fg["shape"][1], str) and "F1" in self.keys
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run ``graph`` on the feeds it declares (the others are dropped)."""
+        return self.backend.run(graph, {k: v for k, v in feeds.items() if k in self.inputs[graph]})
 
     # -- images -------------------------------------------------------------------------
     def detect(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +104,7 @@ class Retriever:
 
     def encode_canvases(self, canvases: np.ndarray) -> ImageFeatures:
         feeds = self.image_encoder_feeds(canvases)
-        outs = self.backend.run("image_encoder", feeds)
+        outs = self.run("image_encoder", feeds)
         return ImageFeatures(dict(zip(self.keys, outs)), feeds["fg_mask"])
 
     def encode_images(self, paths: list[str | Path]) -> ImageFeatures:
@@ -114,6 +123,7 @@ class Retriever:
         for start in range(0, len(captions), step):
             ids, lengths = self.bundle.vocab.encode_batch(captions[start: start + step], self.max_words)
             outs = self.backend.run("text_encoder", {"ids": ids, "lengths": lengths})
+            outs = [pad_words(o, self.max_words) if k in self.word_keys else o for k, o in zip(self.keys, outs)]
             parts.append(TextFeatures(dict(zip(self.keys, outs))))
         return TextFeatures({k: np.concatenate([p.windows[k] for p in parts]) for k in self.keys})
 
@@ -128,14 +138,15 @@ class Retriever:
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
         for isl, csl in pair_chunks(n_img, n_cap, self.max_pairs, self.max_items):
             im, tx = images.take(isl), texts.take(csl)
-            windows = {f"windows_{k}": f32(tx.windows[k]) for k in self.keys}
+            windows = {f"windows_{k}": f32(cut_words(tx.windows[k]) if k in self.word_keys else tx.windows[k])
+                       for k in self.keys}
             groups = im.box_groups() if self.dynamic_boxes else [(slice(None), self.max_boxes)]
             for rows, boxes in groups:
                 g = im.take(rows).cut_boxes(boxes) if self.dynamic_boxes else im
                 feeds = {"fg_mask": f32(g.fg_mask), **{f"blocks_{k}": f32(g.blocks[k]) for k in self.keys}, **windows}
                 k_largest = self.max_windows * (boxes if "F1" in self.keys else 1)  # K of the largest key
                 few = (csl.stop - csl.start) * self.max_windows < k_largest
-                got = self.backend.run("reranker" if few and self.bundle.graph("reranker") else "scorer", feeds)
+                got = self.run("reranker" if few and self.bundle.graph("reranker") else "scorer", feeds)
                 for out, value in zip(outs, got):
                     out[isl, csl][rows] = value
         return (outs[0], dict(zip(self.keys, outs[1:]))) if per_key else outs[0]
@@ -149,6 +160,22 @@ def pair_chunks(n_img: int, n_cap: int, max_pairs: int, max_items: int):
     for i in range(0, n_img, img_chunk):
         for c in range(0, n_cap, cap_chunk):
             yield slice(i, min(i + img_chunk, n_img)), slice(c, min(c + cap_chunk, n_cap))
+
+
+def pad_words(words: np.ndarray, length: int) -> np.ndarray:
+    """Word units ``(N, L, d)`` zero-padded to ``length`` words."""
+    return np.pad(words, ((0, 0), (0, length - words.shape[1]), (0, 0))) if words.shape[1] < length else words
+
+
+def real_units(units: np.ndarray) -> np.ndarray:
+    """Units per row that are real (unit vectors; padding is zeros, always last): ``(N,)``."""
+    return (np.einsum("nkd,nkd->nk", units, units) > 0.25).sum(axis=1)
+
+
+def cut_words(words: np.ndarray) -> np.ndarray:
+    """Word units cut to the longest caption among these rows (the rest is padding for all)."""
+    words = np.asarray(words)
+    return words[:, : max(1, int(real_units(words).max()))] if len(words) else words
 
 
 def concat_images(parts: list[ImageFeatures]) -> ImageFeatures:

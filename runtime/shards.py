@@ -206,4 +206,4 @@ def build_sharded(retriever, images: list, captions: list[str], out: str | Path,
 
 
 def _same_items(meta: dict, want: dict) -> bool:
-    return all(meta.get(k) == want[k] for k in ("bundle", "images", "captions"))
+    return all(meta.get(k) == want[k] for k in ("bundle", "items_sha256"))

@@ -10,8 +10,9 @@ Two ways in, sharing the request format and the conversion below:
 * **PyTriton** (``fbnet-serve-cli triton``, :func:`serve_pytriton`): Triton's server binary runs
   the runtime's search as a Python model, with ONNX Runtime sessions in this process.
 
-Request: ``text`` (or ``image``: the file's bytes) as BYTES ``[1]``, optional ``top_k`` and
-``shortlist`` INT32 ``[1]`` (``shortlist`` -1: the server's default; 0: exhaustive). Answer:
+Request: ``text`` (or ``image``: the file's bytes) as BYTES ``[1]``, optional ``top_k``,
+``shortlist`` and ``nprobe`` INT32 ``[1]`` (``shortlist`` -1: the server's default; 0: exhaustive;
+``nprobe``: IVF lists the first stage visits, -1 the index's default). Answer:
 ``result``, BYTES ``[1]``: the JSON the built-in server puts in ``results[0]`` (an error is
 ``{"error": ...}`` in the Python-backend models' per-request error instead).
 """
@@ -32,7 +33,7 @@ from .service import ImageQuery, SearchService, TextQuery
 
 GRAPH_MODEL = "fbnet_{graph}"
 SEARCH_INPUTS = {kind: [(kind, "TYPE_STRING", False), ("top_k", "TYPE_INT32", True),
-                        ("shortlist", "TYPE_INT32", True)] for kind in ("text", "image")}
+                        ("shortlist", "TYPE_INT32", True), ("nprobe", "TYPE_INT32", True)] for kind in ("text", "image")}
 SEARCH_OUTPUTS = [("result", "TYPE_STRING", False)]
 
 
@@ -53,18 +54,21 @@ def parse_rows(kind: str, tensors: dict[str, np.ndarray], canvas: int, max_pixel
     rows = np.asarray(tensors[kind]).reshape(len(tensors[kind]), -1)[:, 0]
     top_k = _column(tensors.get("top_k"), len(rows), 5)
     shortlist = _column(tensors.get("shortlist"), len(rows), -1)
+    nprobe = _column(tensors.get("nprobe"), len(rows), -1)
     out = []
-    for value, k, s in zip(rows, top_k, shortlist):
+    for value, k, s, p in zip(rows, top_k, shortlist, nprobe):
         data = value if isinstance(value, bytes) else str(value).encode()
-        s = None if s < 0 else int(s)
+        s, p = (None if v < 0 else int(v) for v in (s, p))
         if k < 1:
             out.append(QueryError(f"top_k must be at least 1, not {k}"))
+        elif p == 0:
+            out.append(QueryError("nprobe must be at least 1 (or -1: the index's default)"))
         elif kind == "text":
-            out.append(TextQuery(data.decode("utf-8", errors="replace"), int(k), s))
+            out.append(TextQuery(data.decode("utf-8", errors="replace"), int(k), s, nprobe=p))
         else:
             try:
                 out.append(ImageQuery(load_image(io.BytesIO(data), canvas, name="uploaded image",
-                                                 max_pixels=max_pixels), int(k), s))
+                                                 max_pixels=max_pixels), int(k), s, nprobe=p))
             except ImageError as exc:
                 out.append(exc)
     return out

@@ -58,8 +58,9 @@ def test_dropping_padding_box_slots_changes_no_similarity():
     n, j, b, c = 6, 9, 14, 32
     mask = np.arange(j)[None, :] < np.array([1, 3, 2, 4, 1, 2])[:, None]  # real boxes first; at most 4
     feats = SplitFeatures(rng.normal(size=(n, b, c)).astype(np.float16), rng.normal(size=(n, j, b, c)).astype(np.float16),
-                          mask, np.zeros((n, j, 4), np.float32))
-    bg, fg, m = feats.tensors(np.arange(n))
+                          mask, np.zeros((n, j, 4), np.float32), canvas=64)
+    bg, fg, m, boxes = feats.tensors(np.arange(n))
+    assert boxes.shape == (n, 4, 4) and torch.allclose(boxes[0, 0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
     assert fg.shape[1] == 4 and m.shape == (n, 4)
     torch.manual_seed(0)
     model = FBNet(ModelConfig(embed_dim=16), vocab_size=20, feature_dim=c).eval()

@@ -11,19 +11,24 @@ from fbnet.cli import main
 from fbnet.data.manifest import load_dataset
 from fbnet.evaluate import load_model
 from fbnet.metrics import retrieval_report
-from fbnet.models.fbnet import FBNet, fuse
-from fbnet.pipeline import Captions, build_frozen, score_split, split_features
+from fbnet.models.fbnet import FBNet
+from fbnet.pipeline import Captions, build_frozen, feature_cache, score_split, split_features
 
-def _test_map(ckpt, model):
+
+def _test_map(ckpt, model, run=None):
+    """Test-split category MAP of ``model`` on the features of the checkpoint's run (``run``:
+    its directory; default the FB-Net fixture's)."""
+    from pathlib import Path
+
     cfg, _, vocab, fusion = load_model(ckpt)
     ds = load_dataset(ckpt["data_root"])
     items = ds.split("test")
     det, enc = build_frozen(cfg, 10, ckpt["detector"], ckpt["encoder"])
-    from pathlib import Path
-
-    feats = split_features(cfg, items, det, enc, Path(ckpt["data_root"]).parent / "run" / "features", "test")
+    cache = feature_cache(cfg, run or Path(ckpt["data_root"]).parent / "run")
+    feats = split_features(cfg, items, det, enc, cache, "test")
     caps = Captions.from_items(items, vocab, cfg.data.max_words, True)
-    rep = retrieval_report(fuse(score_split(model, feats, caps), fusion), caps.image, caps.image_labels, caps.labels)
+    rep = retrieval_report(model.fuse(score_split(model, feats, caps), fusion), caps.image, caps.image_labels,
+                           caps.labels)
     return rep["category"]["map"]
 
 

@@ -65,11 +65,26 @@ def test_repository_configs_name_the_graphs_real_inputs_and_outputs(repository, 
     for kind in ("text", "image"):
         cfg = parse(repository / f"fbnet_search_{kind}" / "config.pbtxt")
         assert cfg.backend == "python" and cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
-        assert [(t.name, t.optional) for t in cfg.input] == [(kind, False), ("top_k", True), ("shortlist", True)]
+        assert [(t.name, t.optional) for t in cfg.input] == [(kind, False), ("top_k", True), ("shortlist", True),
+                                                             ("nprobe", True)]
         assert [t.name for t in cfg.output] == ["result"] and cfg.output[0].data_type == pb.TYPE_STRING
         assert cfg.parameters["kind"].string_value == kind
         assert cfg.parameters["gallery"].string_value == str(served[2].resolve())
         assert "TritonPythonModel" in (repository / f"fbnet_search_{kind}" / "1" / "model.py").read_text()
+
+
+def test_triton_requests_carry_shortlist_and_nprobe():
+    """Optional INT32 inputs, -1 meaning the server's (or the IVF index's) default."""
+    from fbnet.runtime.triton import parse_rows
+
+    rows = parse_rows("text", {"text": np.array([[b"a dog"], [b"a cat"], [b"a bird"]], dtype=np.object_),
+                               "shortlist": np.array([[-1], [0], [50]], dtype=np.int32),
+                               "nprobe": np.array([[-1], [16], [0]], dtype=np.int32)}, canvas=64)
+    assert (rows[0].shortlist, rows[0].nprobe) == (None, None)
+    assert (rows[1].shortlist, rows[1].nprobe) == (0, 16)
+    assert isinstance(rows[2], ValueError) and "nprobe" in str(rows[2])
+    plain = parse_rows("text", {"text": np.array([[b"a dog"]], dtype=np.object_)}, canvas=64)[0]
+    assert plain.nprobe is None and plain.top_k == 5
 
 
 def test_export_triton_refuses_a_folder_that_is_not_a_gallery(served, tmp_path):

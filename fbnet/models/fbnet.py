@@ -66,13 +66,17 @@ class FBNet(nn.Module):
             nn.init.uniform_(lin.weight, -r, r)
             nn.init.zeros_(lin.bias)
 
+    #: keys whose text units are words (a variable number per caption); FB-Net's are windows
+    word_keys: tuple = ()
+
     @property
     def keys(self) -> list[tuple[str, int]]:
         return [(b, u) for b in self.branches for u in range(1, self.levels + 1)]
 
     def encode_images(self, background: torch.Tensor, foreground: torch.Tensor, fg_mask: torch.Tensor,
-                      static_shapes: bool = False):
+                      boxes: torch.Tensor | None = None, static_shapes: bool = False):
         """Unit-length block embeddings and masks per (branch, level): ``(N, K, d), (N, K)``.
+        (``boxes``, the region boxes the related models' geometry reads, are not used here.)
 
         Only real boxes' blocks are projected (padded slots stay zero, as masked blocks are anyway):
         exact, and most of F-Net's projection on Flickr8k. ``static_shapes`` (exported graphs)
@@ -121,3 +125,7 @@ class FBNet(nn.Module):
         score = cross_attention if static_shapes else grouped_cross_attention
         return {key: score(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2, attended_images)
                 for key in self.keys}
+
+    def fuse(self, sims: dict, fusion: Fusion) -> torch.Tensor:
+        """Eq. (7) (:func:`fuse`)."""
+        return fuse(sims, fusion)
