@@ -343,6 +343,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
     for store in STORES:
         root = work / f"dev-{store}"
         if store != "float32" and not (root / "gallery.json").is_file():
+            final, root = root, work / f"dev-{store}.partial"  # made aside, renamed when complete
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(g32, root)
             meta = json.loads((root / "gallery.json").read_text())
@@ -354,6 +355,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
             else:
                 meta["coded"] = code_features(root, bundle.keys, store)
             (root / "gallery.json").write_text(json.dumps({**meta, "store": store}))
+            root = root.rename(final)
         size = lambda side: sum(f.stat().st_size for f in (root / side).iterdir())  # noqa: E731
         r = runtime_recall(retriever, Gallery(root, bundle), owner, shortlist)
         base = r["rsum"] if base is None else base
