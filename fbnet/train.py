@@ -156,7 +156,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     model.load_state_dict(best_ckpt["model"])
     val_sims = score_split(model, feats["val"], caps["val"], tc.eval_chunk)
     fusion, val = choose_fusion(model, val_sims, caps["val"], tc.fusion_grid)
-    if cfg.model.name == "fbnet":
+    if model.searches_fusion:
         echo(f"fusion weights (val): alpha={fusion.alpha} beta={fusion.beta} lambda={fusion.lam}")
     save_checkpoint(out / "best.pt", {**best_ckpt, "fusion": vars(fusion), "val_metrics": _summary(val)})
     log_event(out, event="fusion", fusion=vars(fusion), val=_summary(val))
@@ -261,7 +261,7 @@ def choose_fusion(model, sims: dict, caps: Captions, grid) -> tuple[Fusion, dict
     related models fuse with weights of their own, so their grid is one point)."""
     has_fg = any(b == "foreground" for b, _ in sims)
     levels = max(u for _, u in sims)
-    grid = grid if model.cfg.name == "fbnet" else (1.0,)
+    grid = grid if model.searches_fusion else (1.0,)
     best = None
     for alpha, beta, lam in itertools.product(grid if has_fg else (1.0,), grid if levels > 1 else (1.0,),
                                               grid if levels > 2 else (1.0,)):

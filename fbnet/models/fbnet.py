@@ -68,6 +68,8 @@ class FBNet(nn.Module):
 
     #: keys whose text units are words (a variable number per caption); FB-Net's are windows
     word_keys: tuple = ()
+    #: training searches eq. (7)'s alpha, beta, lambda on validation (``train.fusion_grid``)
+    searches_fusion = True
 
     @property
     def keys(self) -> list[tuple[str, int]]:

@@ -45,6 +45,8 @@ class RegionModel(nn.Module):
     uses_grid: bool = True
     #: weight of the global similarity (``B1``) in the fused score
     global_weight: float = 1.0
+    #: the fused score has no weights to search on validation (eq. (7)'s are FB-Net's)
+    searches_fusion = False
 
     def __init__(self, cfg, vocab_size: int, feature_dim: int):
         super().__init__()

@@ -4,8 +4,8 @@ Every model takes the same cached block features (B-Net and F-Net blocks of
 :mod:`fbnet.features`), the same captions, and gives the same interface: ``keys`` (the
 similarity matrices it scores, named by the runtime's unit layout: ``B<u>`` a fixed number of
 units per image, ``F<u>`` ``u**2`` units per detector box), ``encode_images``, ``encode_texts``,
-``similarities`` and ``fuse``. Training, evaluation, export and the torch-free runtime only use
-that interface.
+``similarities``, ``fuse`` and ``searches_fusion`` (whether training grid-searches eq. (7)'s
+weights). Training, evaluation, export and the torch-free runtime only use that interface.
 """
 
 from __future__ import annotations
