@@ -119,3 +119,8 @@ def image_block_boxes(image_size: int, boxes: np.ndarray, scores: np.ndarray, le
     and the F-Net box mask ``(J,)``. Detections with score 0 are padding and are dropped."""
     bg, fg, mask = branch_blocks(image_size, np.asarray(boxes)[np.asarray(scores) > 0], levels, max_boxes)
     return np.concatenate([bg[None], fg], axis=0).reshape(-1, 4), mask
+
+
+# Encoded units (blocks, text windows, words) are unit vectors and padding is zeros: a unit is
+# real when its squared norm exceeds this (the torch scorer's word mask and the runtime's word cut).
+REAL_UNIT_MIN_SQNORM = 0.25

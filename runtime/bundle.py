@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fbnet import FORMAT_VERSION
+from fbnet.jsonfile import read_json
 from fbnet.vocab import Vocabulary
 
 
@@ -55,10 +56,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{root}: bundle directory not found")
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing; is {root} a bundle written by `fbnet export`?")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path} line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    manifest = read_json(manifest_path, BundleError)
     if manifest.get("kind") != "fbnet-bundle":
         raise BundleError(f"{manifest_path}: not an fbnet bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

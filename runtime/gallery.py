@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fbnet.atomic import atomic_write, atomic_write_text
+from fbnet.jsonfile import read_json
 
 from .bundle import Bundle
 from .first_stage import INDEX_FILE, FirstStage, choose_spec
@@ -154,7 +155,7 @@ class Gallery:
             partial = root.with_name(root.name + ".partial")
             hint = f"; an interrupted index is in {partial}, run index again to resume" if partial.exists() else ""
             raise GalleryError(f"{meta_path}: missing; is {root} a gallery made by `fbnet-serve-cli index`?{hint}")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, GalleryError)
         if meta.get("bundle") != bundle.fingerprint:
             raise GalleryError(f"{root}: made with another bundle (its fingerprint differs from "
                                f"{bundle.root / 'manifest.json'}); re-run `fbnet-serve-cli index` with this bundle")

@@ -31,6 +31,13 @@ def write_items(directory: Path, side: str, values) -> int:
     return len(lines)
 
 
+def list_index(i: int, n: int) -> int:
+    """``i`` as an index into a list of ``n`` (negative counts from the end); IndexError past it."""
+    if not -n <= i < n:
+        raise IndexError(i)
+    return i % n
+
+
 class ItemList:
     """The items of one side, indexed like a list (``len``, ``[i]``, iteration) and read lazily."""
 
@@ -53,9 +60,7 @@ class ItemList:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
+        i = list_index(i, len(self))
         if self._map is None:
             with self.path.open("rb") as fh:
                 self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if len(self) else b""

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fbnet.jsonfile import read_json
+
 from .bundle import Bundle
 from .first_stage import FirstStage
+from .items import list_index
 from .retriever import ImageFeatures, TextFeatures
 from .stores import LazyRows
 
@@ -91,9 +94,7 @@ class ConcatList:
         return int(self.starts[-1])
 
     def __getitem__(self, i: int) -> str:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i %= len(self)
+        i = list_index(i, len(self))
         s = int(np.searchsorted(self.starts, i, side="right") - 1)
         return self.parts[s][i - int(self.starts[s])]
 
@@ -110,10 +111,7 @@ class ShardedGallery:
 
         root = Path(root)
         path = root / SHARDS_FILE
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise GalleryError(f"{path} line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        meta = read_json(path, GalleryError)
         if meta.get("kind") != SHARDS_KIND:
             raise GalleryError(f"{path}: not an fbnet shard list")
         if meta.get("bundle") != bundle.fingerprint:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from ..jsonfile import read_json
 from ..vocab import tokenize
 
 SPLITS = ("train", "val", "test")
@@ -102,10 +103,7 @@ def load_dataset(root: str | Path) -> Dataset:
                 f"{p}: missing; a dataset directory holds dataset.json and manifest.jsonl "
                 "(make one with `fbnet data synth` or `fbnet data convert`)"
             )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{meta_path} line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    meta = read_json(meta_path, DatasetError)
     if meta.get("format") != FORMAT:
         raise DatasetError(f"{meta_path}: 'format' must be {FORMAT!r}")
     classes = meta.get("classes")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..windows import level_slices
+from ..windows import REAL_UNIT_MIN_SQNORM, level_slices
 from .attention import cross_attention, grouped_cross_attention
 from .relation import grid_boxes, unit
 from .text import TextEncoder
@@ -116,7 +116,7 @@ class RegionModel(nn.Module):
         out = {GLOBAL: torch.matmul(images[GLOBAL][0][:, 0], texts[GLOBAL][:, 0].t())}
         if self.local:
             words = texts[LOCAL]
-            word_mask = (words.pow(2).sum(dim=-1) > 0.25).to(words.dtype)  # unit vectors vs padding's zeros
+            word_mask = (words.pow(2).sum(dim=-1) > REAL_UNIT_MIN_SQNORM).to(words.dtype)
             score = cross_attention if static_shapes else grouped_cross_attention
             c = self.cfg
             out[LOCAL] = score(*images[LOCAL], words, c.delta1, c.delta2, attended_images, window_mask=word_mask,
