@@ -174,11 +174,16 @@ def evaluate_cmd(checkpoint, split, data_dir, out):
 @click.option("--gallery", type=click.Path(file_okay=False, path_type=Path),
               help="with --triton: add the two-stage search models over this gallery")
 @click.option("--triton-max-batch", default=16, show_default=True, help="with --triton: max_batch_size")
-@click.option("--int8", is_flag=True, help="quantize the detector and image encoder to INT8 (CPU serving)")
+@click.option("--int8", is_flag=True, help="quantize graphs to INT8 for CPU serving (--int8-graphs)")
+@click.option("--int8-graphs", default="detector", show_default=True,
+              help="with --int8: comma-separated graphs to quantize (detector, image_encoder); the INT8 "
+                   "image encoder costs accuracy (see BENCHMARKS.md)")
 @click.option("--calibration-images", default=64, show_default=True,
               help="with --int8: training images to calibrate on")
+@click.option("--calibration-method", default="minmax", show_default=True,
+              type=click.Choice(["minmax", "percentile", "entropy"]), help="with --int8: activation ranges")
 def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, triton_max_batch, int8,
-               calibration_images):
+               int8_graphs, calibration_images, calibration_method):
     """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory."""
     from fbnet.export.bundle import build_bundle_engines, export_bundle
     from fbnet.export.onnx_export import ExportError
@@ -208,7 +213,8 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
             ckpt = load_checkpoint(json.loads((out / "manifest.json").read_text())["source_checkpoint"]["path"])
             train = load_dataset(ckpt["data_root"]).split("train")[:calibration_images]
             click.echo(f"quantizing to INT8, calibrated on {len(train)} training images")
-            quantize_bundle(out, [it.image for it in train], log=click.echo)
+            graphs = tuple(g.strip() for g in int8_graphs.split(",") if g.strip())
+            quantize_bundle(out, [it.image for it in train], graphs, calibration_method, log=click.echo)
         if triton_repo is not None:
             write_triton_repository(out, triton_repo, gallery, max_batch=triton_max_batch)
             click.echo(f"wrote Triton model repository {triton_repo}" +

@@ -1,4 +1,5 @@
-"""INT8 export (ONNX Runtime static quantization of the detector and image encoder) and its parity report."""
+"""INT8 export (ONNX Runtime static quantization of the detector, by default, and the image encoder)
+and its parity report."""
 
 import json
 import shutil
@@ -13,15 +14,30 @@ from fbnet.runtime.bundle import open_bundle
 from fbnet.runtime.retriever import Retriever
 
 
+def test_int8_default_is_the_detector_and_unknown_graphs_are_refused(bundle, tmp_path):
+    int8 = tmp_path / "bundle-int8"
+    shutil.copytree(bundle, int8)
+    res = CliRunner().invoke(main, ["export", str(int8), "--int8", "--int8-graphs", "text_encoder"])
+    assert res.exit_code != 0 and "cannot quantize text_encoder" in res.output
+    res = CliRunner().invoke(main, ["export", str(int8), "--int8", "--calibration-images", "8"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    assert manifest["quantization"]["graphs"] == ["detector"]
+    assert manifest["quantization"]["calibration"]["method"] == "minmax"
+    assert manifest["graphs"]["image_encoder"]["file"] == "image_encoder.onnx"  # stays float32
+
+
 def test_int8_export_quantizes_and_parity_reports_the_change(trained, bundle, gallery_inputs, tmp_path):
     int8 = tmp_path / "bundle-int8"
     shutil.copytree(bundle, int8)
-    res = CliRunner().invoke(main, ["export", str(int8), "--int8", "--calibration-images", "16"])
+    res = CliRunner().invoke(main, ["export", str(int8), "--int8", "--int8-graphs", "detector,image_encoder",
+                                    "--calibration-images", "16", "--calibration-method", "percentile"])
     assert res.exit_code == 0, res.output
     assert "calibrated on 16 training images" in res.output
     manifest = json.loads((int8 / "manifest.json").read_text())
     q = manifest["quantization"]
     assert q["graphs"] == ["detector", "image_encoder"] and q["calibration"]["images"] == 16
+    assert q["calibration"]["method"] == "percentile"
     for graph in q["graphs"]:
         spec = manifest["graphs"][graph]
         assert spec["file"] == f"{graph}.int8.onnx" and spec["float_file"] == f"{graph}.onnx"
