@@ -63,7 +63,7 @@ def synthetic(bundle, n_img: int, n_cap: int, seed: int = 0) -> tuple[ImageFeatu
 
 
 
-def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dtype="float16",
+def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dtype="float32",
                       image_files: list[Path] | None = None) -> Gallery:
     """A gallery of ``n`` images and ``n`` captions with the bundle's shapes: random unit block and
     window features for the first ``random_rows`` items; past them only the first-stage vectors are
@@ -74,7 +74,7 @@ def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dty
         [f"synthetic/{i:06d}.jpg" for i in range(n)]
     meta = {**gallery_meta(bundle, paths,
                            [f"synthetic caption {i}" for i in range(n)], dtype), "n_images": n, "n_captions": n,
-            "box_counts": "flickr8k"}
+            "box_counts": "flickr8k", "absent_boxes": "zero"}
     if (out / "gallery.json").is_file() and json.loads((out / "gallery.json").read_text()) == meta:
         return Gallery(out, bundle)
     shutil.rmtree(out, ignore_errors=True)
@@ -82,14 +82,19 @@ def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dty
     (out / "texts").mkdir()
     rng, d, shapes = np.random.default_rng(1), bundle.model["embed_dim"], key_shapes(bundle)
     j = bundle.model["max_boxes"]
-    np.save(out / "images" / "fg_mask.npy", box_mask(rng, n, j))
+    mask = box_mask(rng, n, j)
+    np.save(out / "images" / "fg_mask.npy", mask)
     for side, which in (("images", 0), ("texts", 1)):
         for k, s in shapes.items():
             arr = np.lib.format.open_memmap(out / side / f"{k}.npy", mode="w+", dtype=dtype, shape=(n, s[which], d))
             for start in range(0, min(n, random_rows), 1000):
                 stop = min(start + 1000, n, random_rows)
-                arr[start:stop] = text_units(rng, bundle, k, stop - start, s[which], d) if side == "texts" else \
-                    unit(rng, stop - start, s[which], d)
+                if side == "texts":
+                    arr[start:stop] = text_units(rng, bundle, k, stop - start, s[which], d)
+                    continue
+                arr[start:stop] = unit(rng, stop - start, s[which], d)
+                if k[0] == "F":  # zero the blocks of absent boxes, as the image encoder does
+                    arr[start:stop] *= np.repeat(mask[start:stop], s[which] // j, axis=1)[:, :, None]
             if k in ("B1", "F1"):  # first-stage vectors are random for every row
                 for start in range(random_rows, n, 10_000):
                     arr[start: start + 10_000] = unit(rng, min(10_000, n - start), s[which], d)

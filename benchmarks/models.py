@@ -58,7 +58,7 @@ def row(name: str, run: Path, work: Path, repeats: int) -> dict:
     seconds = [e["seconds"] for e in epochs if e.get("event") == "epoch"]
     bundle = open_bundle(run / "bundle")
     retriever = Retriever(bundle, select_backend(bundle, "onnxruntime"))
-    gallery = synthetic_gallery(bundle, 10_000, work / "galleries" / name)
+    gallery = synthetic_gallery(bundle, 10_000, work / "galleries" / name, dtype="float16")  # the table's bytes
     searcher = Searcher(retriever, gallery.image_features, gallery.text_features, 100)
     t = timeit(lambda: searcher.images_for(retriever.encode_texts([QUERY]), 10, 100), repeats, 3)
     size = lambda side: sum(p.stat().st_size for p in (gallery.root / side).glob("*.npy"))  # noqa: E731

@@ -15,7 +15,7 @@ import numpy as np
 
 from fbnet.preprocess import load_image
 from fbnet.vocab import tokenize
-from fbnet.windows import image_block_boxes
+from fbnet.windows import REAL_UNIT_MIN_SQNORM, image_block_boxes
 
 from .backends import Backend
 from .bundle import Bundle
@@ -23,6 +23,12 @@ from .bundle import Bundle
 
 class QueryError(ValueError):
     """A query is unusable (an empty caption, an unreadable image); the message says which."""
+
+
+#: What one scorer call's fixed cost (ONNX Runtime's per-node dispatch over the six keys' small
+#: tensors) is worth in padded box slots (image x caption x box): ``benchmarks/retrieval.py
+#: --sections calls`` fitted 19 to 48 over three runs on 2 CPU cores (BENCHMARKS.md, "Scorer calls").
+SCORER_CALL_COST = 48
 
 
 @dataclass
@@ -38,15 +44,32 @@ class ImageFeatures:
     def take(self, index) -> "ImageFeatures":
         return ImageFeatures({k: v[index] for k, v in self.blocks.items()}, self.fg_mask[index])
 
-    def box_groups(self) -> list[tuple[np.ndarray, int]]:
-        """``(rows, box count)`` for each box count present (real boxes come first in ``fg_mask``)."""
+    def box_groups(self, captions: int = 1, call_cost: int = 0) -> list[tuple[np.ndarray, int]]:
+        """``(rows, box count)`` by ascending box count (real boxes come first in ``fg_mask``): one
+        group per count present, except that a group is merged into the next (its rows padded to
+        that count) while the padded box slots this adds, ``rows x extra boxes x captions``, cost no
+        more than ``call_cost`` (the box slots one scorer call's fixed cost is worth)."""
         counts = np.asarray(self.fg_mask, dtype=np.float32).sum(axis=1).astype(np.int64)
-        return [(np.flatnonzero(counts == n), max(1, int(n))) for n in np.unique(counts)]
+        groups: list[tuple[np.ndarray, int]] = []
+        for n in np.unique(counts):
+            rows, boxes = np.flatnonzero(counts == n), max(1, int(n))
+            if groups and len(groups[-1][0]) * (boxes - groups[-1][1]) * captions <= call_cost:
+                rows = np.concatenate([groups.pop()[0], rows])
+            groups.append((rows, boxes))
+        return groups
 
     def cut_boxes(self, n: int) -> "ImageFeatures":
         """The first ``n`` box slots only: F-Net level u keeps ``n u**2`` blocks."""
         blocks = {k: (v[:, : n * int(k[1:]) ** 2] if k.startswith("F") else v) for k, v in self.blocks.items()}
         return ImageFeatures(blocks, self.fg_mask[:, :n])
+
+    def group_feeds(self, rows, n: int) -> dict[str, np.ndarray]:
+        """The scorer's image inputs for ``rows`` cut to ``n`` box slots, float32: each array is
+        gathered once, its padded slots past ``n`` never copied."""
+        width = lambda k: n * int(k[1:]) ** 2 if k.startswith("F") else None  # noqa: E731
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
+        return {"fg_mask": f32(self.fg_mask[rows, :n]),
+                **{f"blocks_{k}": f32(v[rows, : width(k)]) for k, v in self.blocks.items()}}
 
 
 @dataclass
@@ -65,12 +88,14 @@ class TextFeatures:
 
 class Retriever:
     def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 16, text_batch_size: int = 64,
-                 max_pairs: int = 4096, max_items: int = 2048):
+                 max_pairs: int = 4096, max_items: int = 2048, call_cost: int = SCORER_CALL_COST):
         self.bundle, self.backend = bundle, backend
         #: images / captions per encoder call; image x caption pairs per scorer call and images or
         #: captions per scorer call (together they bound its memory, whatever the gallery's size)
         self.batch_size, self.text_batch_size = batch_size, text_batch_size
         self.max_pairs, self.max_items = max_pairs, max_items
+        #: box slots (image x caption x box) one scorer call's fixed cost is worth (see ``box_groups``)
+        self.call_cost = call_cost
         self.keys = bundle.keys
         m = bundle.model
         self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
@@ -78,10 +103,10 @@ class Retriever:
         self.word_keys = set(m.get("word_keys", ()))
         #: windows M of the largest key (level 3)
         self.max_windows = self.levels ** 2
-        #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
         #: each graph's inputs: a model without F-Net keys has no ``fg_mask`` in its scorer
         self.inputs = {name: {i["name"] for i in spec["inputs"]} for name, spec in bundle.manifest["graphs"].items()}
         fg = next((i for i in bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask"), None)
+        #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
         self.dynamic_boxes = fg is not None and isinstance(fg["shape"][1], str) and "F1" in self.keys
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -140,10 +165,10 @@ class Retriever:
             im, tx = images.take(isl), texts.take(csl)
             windows = {f"windows_{k}": f32(cut_words(tx.windows[k]) if k in self.word_keys else tx.windows[k])
                        for k in self.keys}
-            groups = im.box_groups() if self.dynamic_boxes else [(slice(None), self.max_boxes)]
+            groups = im.box_groups(csl.stop - csl.start, self.call_cost) if self.dynamic_boxes else \
+                [(slice(None), self.max_boxes)]
             for rows, boxes in groups:
-                g = im.take(rows).cut_boxes(boxes) if self.dynamic_boxes else im
-                feeds = {"fg_mask": f32(g.fg_mask), **{f"blocks_{k}": f32(g.blocks[k]) for k in self.keys}, **windows}
+                feeds = {**im.group_feeds(rows, boxes), **windows}
                 k_largest = self.max_windows * (boxes if "F1" in self.keys else 1)  # K of the largest key
                 few = (csl.stop - csl.start) * self.max_windows < k_largest
                 got = self.run("reranker" if few and self.bundle.graph("reranker") else "scorer", feeds)
@@ -169,7 +194,7 @@ def pad_words(words: np.ndarray, length: int) -> np.ndarray:
 
 def real_units(units: np.ndarray) -> np.ndarray:
     """Units per row that are real (unit vectors; padding is zeros, always last): ``(N,)``."""
-    return (np.einsum("nkd,nkd->nk", units, units) > 0.25).sum(axis=1)
+    return (np.einsum("nkd,nkd->nk", units, units) > REAL_UNIT_MIN_SQNORM).sum(axis=1)
 
 
 def cut_words(words: np.ndarray) -> np.ndarray:

@@ -73,15 +73,25 @@ def test_scorer_box_axis_is_dynamic_and_grouping_is_exact(bundle):
         blocks[k] = x
     images = ImageFeatures(blocks, mask)
     texts = TextFeatures({k: unit(rng.normal(size=(5, int(k[1:]) ** 2, d))) for k in r.keys})
+    r.call_cost = 0  # one scorer call per box count
     grouped = r.score(images, texts)
+    r.call_cost = 10 ** 9  # every group merged: one call, padded to the largest count
+    merged = r.score(images, texts)
     sess = ort.InferenceSession(str(bundle / "scorer.onnx"), providers=["CPUExecutionProvider"])
     feeds = lambda im: {"fg_mask": im.fg_mask, **{f"blocks_{k}": im.blocks[k] for k in r.keys},  # noqa: E731
                         **{f"windows_{k}": texts.windows[k] for k in r.keys}}
     padded = sess.run(None, feeds(images))[0]
     np.testing.assert_allclose(grouped, padded, atol=1e-5)
+    np.testing.assert_allclose(merged, padded, atol=1e-5)
     cut = sess.run(None, feeds(images.take([1]).cut_boxes(3)))[0]  # 3 box slots, not J
     np.testing.assert_allclose(cut[0], padded[1], atol=1e-5)
-    assert sorted(c for _, c in images.box_groups()) == sorted({1, 2, 3, j})
+    assert [c for _, c in images.box_groups()] == [1, 2, 3, j]
+    assert [(sorted(rows), c) for rows, c in images.box_groups(1, 10 ** 9)] == [(list(range(n)), j)]
+    # a group joins the next while its padded slots (rows x extra boxes x captions) cost <= call_cost:
+    # counts 1 (rows 0, 4) -> 2 (row 3) adds 2 slots; 2 -> 3 would add 3; 3 -> j adds 2 (j - 3)
+    top = [([1, 6], 3), ([2, 5], j)] if 2 * (j - 3) > 2 else [([1, 2, 5, 6], j)]
+    assert [(sorted(rows), c) for rows, c in images.box_groups(1, 2)] == [([0, 3, 4], 2), *top]
+    assert len(images.box_groups(5, 2)) == 4  # five captions: every padded slot costs five times
 
 
 def test_saved_ort_optimisations_are_used_and_match(bundle):
