@@ -163,6 +163,11 @@ def test_bad_inputs_give_one_clear_error(bundle, gallery_inputs, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     res = serve("--text", "a red circle", "--bundle", other, "--gallery", gal)
     assert res.returncode == 1 and "made with another bundle" in res.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(gal, broken)
+    (broken / "gallery.json").write_text('{\n "bundle": "x",\n oops\n}')
+    res = serve("--text", "a red circle", "--bundle", bundle, "--gallery", broken)
+    assert res.returncode == 1 and "gallery.json line 3: invalid JSON" in res.stderr
 
 
 def test_index_resumes_after_an_interruption(bundle, gallery_inputs, tmp_path):
