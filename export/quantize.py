@@ -40,7 +40,8 @@ from .ort_optimize import save_optimized
 
 QUANTIZABLE = ("detector", "image_encoder")
 DEFAULT_GRAPHS = ("detector",)
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+#: ``--calibration-method`` names and ONNX Runtime's ``CalibrationMethod`` members
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
 class QuantizeError(ValueError):
@@ -78,13 +79,13 @@ def quantize_bundle(bundle_dir: str | Path, images: list[Path], graphs: tuple[st
 
     if not images:
         raise QuantizeError("no calibration images: INT8 needs training images to calibrate on")
-    unknown = sorted(set(graphs) - set(QUANTIZABLE)) or ([] if graphs else ["(none)"])
-    if unknown:
-        raise QuantizeError(f"cannot quantize {', '.join(unknown)}: INT8 covers {', '.join(QUANTIZABLE)}")
+    unknown = sorted(set(graphs) - set(QUANTIZABLE))
+    if unknown or not graphs:
+        raise QuantizeError(f"cannot quantize {', '.join(unknown) or '(no graph named)'}: "
+                            f"INT8 covers {', '.join(QUANTIZABLE)}")
     if method not in CALIBRATION_METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; expected one of {', '.join(CALIBRATION_METHODS)}")
-    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                 "entropy": CalibrationMethod.Entropy}[method]
+    calibrate = getattr(CalibrationMethod, CALIBRATION_METHODS[method])
     bundle = open_bundle(bundle_dir)
     manifest = bundle.manifest
     if manifest.get("quantization"):

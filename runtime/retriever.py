@@ -60,16 +60,23 @@ class ImageFeatures:
 
     def cut_boxes(self, n: int) -> "ImageFeatures":
         """The first ``n`` box slots only: F-Net level u keeps ``n u**2`` blocks."""
-        blocks = {k: (v[:, : n * int(k[1:]) ** 2] if k.startswith("F") else v) for k, v in self.blocks.items()}
-        return ImageFeatures(blocks, self.fg_mask[:, :n])
+        return ImageFeatures({k: v[:, : box_width(k, n)] for k, v in self.blocks.items()}, self.fg_mask[:, :n])
 
     def group_feeds(self, rows, n: int) -> dict[str, np.ndarray]:
         """The scorer's image inputs for ``rows`` cut to ``n`` box slots, float32: each array is
         gathered once, its padded slots past ``n`` never copied."""
-        width = lambda k: n * int(k[1:]) ** 2 if k.startswith("F") else None  # noqa: E731
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
-        return {"fg_mask": f32(self.fg_mask[rows, :n]),
-                **{f"blocks_{k}": f32(v[rows, : width(k)]) for k, v in self.blocks.items()}}
+        return {"fg_mask": as_float32(self.fg_mask[rows, :n]),
+                **{f"blocks_{k}": as_float32(v[rows, : box_width(k, n)]) for k, v in self.blocks.items()}}
+
+
+def box_width(key: str, n: int) -> int | None:
+    """Units of ``key`` that ``n`` box slots hold: ``n u**2`` for F-Net level u, all (None) for B-Net."""
+    return n * int(key[1:]) ** 2 if key.startswith("F") else None
+
+
+def as_float32(a) -> np.ndarray:
+    """``a`` as a contiguous float32 array (no copy if it already is one): what the graphs take."""
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 @dataclass
@@ -160,10 +167,9 @@ class Retriever:
         enter eqs. 13-15)."""
         n_img, n_cap = len(images), len(texts)
         outs = [np.zeros((n_img, n_cap), np.float32) for _ in range(1 + len(self.keys) if per_key else 1)]
-        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731  (no copy if already so)
         for isl, csl in pair_chunks(n_img, n_cap, self.max_pairs, self.max_items):
             im, tx = images.take(isl), texts.take(csl)
-            windows = {f"windows_{k}": f32(cut_words(tx.windows[k]) if k in self.word_keys else tx.windows[k])
+            windows = {f"windows_{k}": as_float32(cut_words(tx.windows[k]) if k in self.word_keys else tx.windows[k])
                        for k in self.keys}
             groups = im.box_groups(csl.stop - csl.start, self.call_cost) if self.dynamic_boxes else \
                 [(slice(None), self.max_boxes)]
