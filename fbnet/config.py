@@ -26,6 +26,9 @@ class DataConfig:
     #: Directory of cached block features, shared by every run whose frozen stages match (the
     #: cache is keyed by backbone, detector, levels and their weights); empty = ``<run>/features``.
     feature_cache: str = ""
+    #: Views of every training image cached when the backbone's top is fine-tuned, one sampled
+    #: per image and step: ``identity`` and ``hflip`` (the canvas mirrored, boxes with it).
+    views: tuple[str, ...] = ("identity",)
 
 
 @dataclass
@@ -41,6 +44,10 @@ class BackboneConfig:
     image_size: int = 224
     #: Side each block is resized to in ``crop`` mode.
     crop_size: int = 224
+    #: ``roi`` mode: how many of the trunk's last modules are fine-tuned (0 = all frozen; for
+    #: MobileNetV2, 2 = the last inverted-residual block and the 1x1 convolution to 1280). Training
+    #: then caches the frozen part's activations per image (``fbnet.activations``).
+    trainable_blocks: int = 0
 
 
 @dataclass
@@ -86,6 +93,9 @@ class ModelConfig:
     #: number of semantic concepts (external cues).
     heads: int = 4
     concepts: int = 64
+    #: FB-Net: a pooled global branch beside eq. (7)'s six matrices: ``gpo`` (VSE-infinity's
+    #: generalized pooling), ``max``, ``mean`` or ``""`` (none). Its weight mu is chosen on dev.
+    global_pool: str = ""
 
 
 @dataclass
@@ -122,6 +132,12 @@ class TrainConfig:
     eval_chunk: int = 256
     #: Grid for the fusion weights alpha, beta, lambda (paper's sensitivity study).
     fusion_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    #: Grid for mu, the weight of the pooled global branch (``model.global_pool``) in the fusion.
+    global_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    #: Fine-tuned backbone top (``model.backbone.trainable_blocks``): its learning rate is
+    #: ``lr`` x this, and it stays frozen for the first ``backbone_frozen_epochs`` epochs.
+    backbone_lr_scale: float = 0.1
+    backbone_frozen_epochs: int = 1
     num_threads: int = 0
     #: Where the epochs run: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when a GPU is visible).
     #: Feature extraction and the frozen stages stay on the CPU; CPU runs are deterministic.
@@ -195,6 +211,14 @@ class FBNetConfig:
             raise ConfigError(f"train.patience must be >= 0, not {self.train.patience}")
         if self.train.device != "auto" and self.train.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"train.device must be cpu, cuda, cuda:N or auto, not {self.train.device!r}")
+        if m.backbone.trainable_blocks < 0 or (m.backbone.trainable_blocks and (
+                m.backbone.mode != "roi" or m.backbone.name == "detector")):
+            raise ConfigError("model.backbone.trainable_blocks must be >= 0, and fine-tuning needs "
+                              f"mode 'roi' and a torchvision backbone (not {m.backbone.name!r}/{m.backbone.mode!r})")
+        if any(v not in ("identity", "hflip") for v in self.data.views) or self.data.views[:1] != ("identity",):
+            raise ConfigError(f"data.views must start with 'identity' and name identity/hflip: {self.data.views}")
+        if m.global_pool not in ("", "gpo", "max", "mean"):
+            raise ConfigError(f"model.global_pool must be gpo, max, mean or empty, not {m.global_pool!r}")
         if m.detector.name not in ("fasterrcnn", "fasterrcnn_light", "yolov3_tiny", "none"):
             raise ConfigError(f"model.detector.name: unknown detector {m.detector.name!r}")
 

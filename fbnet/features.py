@@ -33,6 +33,9 @@ class SplitFeatures:
     boxes: np.ndarray  # (N, J, 4) detector boxes on the canvas (0 where none)
     canvas: int = 0  # side of the canvas the boxes are on
 
+    def __len__(self) -> int:
+        return len(self.fg_mask)
+
     def tensors(self, index) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Float tensors of the images at ``index``: B-Net blocks, F-Net blocks, the box mask and
         the F-Net regions' boxes (see :meth:`region_boxes`). Real boxes come first in ``fg_mask``,
@@ -59,18 +62,41 @@ class SplitFeatures:
 
 
 @torch.no_grad()
-def encode_images(canvases: torch.Tensor, encoder: BlockEncoder, detector: Detector | None,
-                  levels: int, max_boxes: int):
-    """Block features of both branches for a batch of canvases ``(N, 3, S, S)``."""
+def detect_blocks(canvases: torch.Tensor, detector: Detector | None, levels: int, max_boxes: int):
+    """Window boxes of both branches for canvases ``(N, 3, S, S)``: ``block_boxes (N, (1+J)*B, 4)``
+    (B-Net's blocks, then each box's), the box mask ``(N, J)`` and the detector's boxes ``(N, J, 4)``
+    (zero where none)."""
     size = canvases.shape[-1]
     boxes, scores = detect(detector, canvases)
     per_image = [image_block_boxes(size, b.numpy(), s.numpy(), levels, max_boxes) for b, s in zip(boxes, scores)]
-    n, nb = len(canvases), blocks_upto(levels)
-    block_boxes = torch.from_numpy(np.stack([p[0] for p in per_image]))
-    feats = encoder(canvases, block_boxes).reshape(n, 1 + max_boxes, nb, -1)
-    pad = torch.zeros(n, max_boxes, 4)
+    pad = torch.zeros(len(canvases), max_boxes, 4)
     pad[:, : boxes.shape[1]] = boxes[:, :max_boxes] * (scores[:, :max_boxes, None] > 0)
-    return feats[:, 0], feats[:, 1:], torch.from_numpy(np.stack([p[1] for p in per_image])), pad
+    return (torch.from_numpy(np.stack([p[0] for p in per_image])),
+            torch.from_numpy(np.stack([p[1] for p in per_image])), pad)
+
+
+def split_branches(feats: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block features ``(N, (1+J)*B, C)`` -> B-Net's ``(N, B, C)`` and F-Net's ``(N, J, B, C)``."""
+    feats = feats.reshape(feats.shape[0], -1, blocks_upto(levels), feats.shape[-1])
+    return feats[:, 0], feats[:, 1:]
+
+
+@torch.no_grad()
+def encode_images(canvases: torch.Tensor, encoder: BlockEncoder, detector: Detector | None,
+                  levels: int, max_boxes: int):
+    """Block features of both branches for a batch of canvases ``(N, 3, S, S)``."""
+    block_boxes, mask, boxes = detect_blocks(canvases, detector, levels, max_boxes)
+    return (*split_branches(encoder(canvases, block_boxes), levels), mask, boxes)
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a state_dict's names and tensor bytes (a cache key part: any changed weight
+    changes it)."""
+    h = hashlib.sha256()
+    for name, value in state.items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def cache_key(items: list[Item], parts: dict) -> str:

@@ -16,7 +16,8 @@ import torch
 
 from .config import FBNetConfig
 from .data.manifest import Item
-from .features import SplitFeatures, cache_key, extract_split
+from .activations import ActivationFeatures, split_activations
+from .features import SplitFeatures, cache_key, extract_split, state_digest
 from .models.backbone import BlockEncoder
 from .models.detector import build_detector
 from .models.fbnet import FBNet
@@ -52,18 +53,29 @@ def feature_cache(cfg: FBNetConfig, run_dir: Path) -> Path:
     return Path(cfg.data.feature_cache) if cfg.data.feature_cache else Path(run_dir) / "features"
 
 
+def frozen_settings(cfg: FBNetConfig) -> dict:
+    """The config that changes cached features: the head (embed_dim, branches, attention) may differ."""
+    return {k: v for k, v in cfg.to_dict()["model"].items() if k in ("backbone", "detector", "levels")}
+
+
 def split_features(cfg: FBNetConfig, items: list[Item], detector, encoder, cache: Path,
                    split: str) -> SplitFeatures:
     m = cfg.model
-    state = {k: v.sum().item() for k, v in encoder.state_dict().items() if v.is_floating_point()}
-    if detector is not None:
-        state["detector"] = sum(float(v.float().sum()) for v in detector.state_dict().values())
-    # only what changes the features: the head (embed_dim, branches, attention) may differ
-    frozen = {k: v for k, v in cfg.to_dict()["model"].items() if k in ("backbone", "detector", "levels")}
-    key = cache_key(items, {"model": frozen, "weights": state})
+    state = {"encoder": state_digest(encoder.state_dict()),
+             "detector": state_digest(detector.state_dict()) if detector is not None else None}
+    key = cache_key(items, {"model": frozen_settings(cfg), "weights": state})
     return extract_split(items, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
                          max_boxes=m.detector.max_boxes, cache=cache / split, key=key,
                          desc=f"features[{split}]")
+
+
+def split_activations_for(cfg: FBNetConfig, items: list[Item], detector, encoder, cache: Path, split: str,
+                          views: tuple[str, ...]) -> ActivationFeatures:
+    """A split's cached lower-trunk activations (:mod:`fbnet.activations`), for fine-tuning."""
+    m = cfg.model
+    return split_activations(items, encoder, detector, frozen_cfg=frozen_settings(cfg),
+                             image_size=m.backbone.image_size, levels=m.levels, max_boxes=m.detector.max_boxes,
+                             views=views, cache=cache / "activations" / split, desc=f"activations[{split}]")
 
 
 @dataclass
@@ -112,7 +124,7 @@ def score_split(model: FBNet, feats: SplitFeatures, caps: Captions, chunk: int =
     """Per-(branch, level) similarity matrices ``(images, captions)`` as float32 numpy arrays."""
     model.eval()
     device = next(model.parameters()).device
-    n_img, n_cap = feats.background.shape[0], len(caps.lengths)
+    n_img, n_cap = len(feats), len(caps.lengths)
     texts = {}
     for start in range(0, n_cap, chunk):
         enc = model.encode_texts(*(t.to(device) for t in caps.tensors(slice(start, start + chunk))))

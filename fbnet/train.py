@@ -35,10 +35,10 @@ from .data.manifest import Dataset, DatasetError
 from .losses import pair_loss
 from .metrics import retrieval_report
 from .models.detector import finetune
-from .models.fbnet import Fusion
+from .models.fbnet import GLOBAL, Fusion
 from .models.registry import build_model
 from .features import SplitFeatures
-from .pipeline import Captions, build_frozen, feature_cache, score_split, split_features
+from .pipeline import Captions, build_frozen, feature_cache, score_split, split_activations_for, split_features
 from .preprocess import load_image
 from .vocab import Vocabulary
 
@@ -75,11 +75,18 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
 
-    # 1-2. frozen stages and cached features
+    # 1-2. frozen stages and cached features (or, when the backbone's top is fine-tuned, cached
+    # activations of its frozen part: training and validation then run the top in every step)
     n_box_classes = len(dataset.box_classes or [])
     detector, encoder = _frozen_stages(cfg, dataset, out, n_box_classes, echo)
-    feats = {s: split_features(cfg, dataset.split(s), detector, encoder, feature_cache(cfg, out), s)
-             for s in dataset.splits if s in ("train", "val", "test")}
+    finetune_top = cfg.model.backbone.trainable_blocks > 0
+    splits = [s for s in dataset.splits if s in (("train", "val") if finetune_top else ("train", "val", "test"))]
+    if finetune_top:
+        feats = {s: split_activations_for(cfg, dataset.split(s), detector, encoder, feature_cache(cfg, out), s,
+                                          cfg.data.views if s == "train" else ("identity",)) for s in splits}
+    else:
+        feats = {s: split_features(cfg, dataset.split(s), detector, encoder, feature_cache(cfg, out), s)
+                 for s in splits}
     for needed in ("train", "val"):
         if needed not in feats:
             raise DatasetError(f"{dataset.root / 'manifest.jsonl'}: training needs a {needed!r} split")
@@ -97,15 +104,21 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         _init_word_vectors(model, vocab, cfg.data.word_vectors, echo)
     device = training_device(tc.device)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    top = list(encoder.top().parameters()) if finetune_top else []
+    groups = [{"params": list(model.parameters())}]
+    if top:
+        encoder.to(device)
+        groups.append({"params": top, "lr": tc.lr * tc.backbone_lr_scale})
+    opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, start_epoch = [], -1.0, 0
     if state is not None:
         model.load_state_dict(state["model"])
+        encoder.load_state_dict(state["encoder"])
         opt.load_state_dict(state["optimizer"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         torch.set_rng_state(state["torch_rng"])
 
-    common = {"config": cfg.to_dict(), "vocab": vocab.to_json(), "encoder": encoder.state_dict(),
+    common = {"config": cfg.to_dict(), "vocab": vocab.to_json(),
               "detector": detector.state_dict() if detector is not None else None,
               "feature_dim": encoder.out_dim, "classes": dataset.classes,
               "box_classes": dataset.box_classes, "data_root": str(dataset.root)}
@@ -121,6 +134,9 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             break
         model.train()
         order = np.random.default_rng([tc.seed, epoch]).permutation(n_pairs)
+        if finetune_top:  # frozen for the first epochs; one random cached view per image and step
+            encoder.top().requires_grad_(epoch >= tc.backbone_frozen_epochs)
+            train_feats.rng = np.random.default_rng([tc.seed, epoch, 1])
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
         t0, total = time.time(), 0.0
         for step in bar:
@@ -143,7 +159,8 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             echo(f"no better validation MAP: learning rate x {tc.plateau_decay} -> {opt.param_groups[0]['lr']:.2e}")
         echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}  R@sum {record['val_rsum']:.1f}"
              f"{'  (best)' if improved else ''}  [{record['seconds']:.0f}s]")
-        payload = {**common, "model": model.state_dict(), "epoch": epoch + 1, "history": history,
+        payload = {**common, "model": model.state_dict(), "encoder": encoder.state_dict(),
+                   "epoch": epoch + 1, "history": history,
                    "best": best, "fusion": vars(Fusion()), "val_metrics": _summary(val)}
         if improved:
             save_checkpoint(out / "best.pt", payload)
@@ -154,10 +171,12 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         return out / "best.pt", None
     best_ckpt = load_checkpoint(out / "best.pt")
     model.load_state_dict(best_ckpt["model"])
+    encoder.load_state_dict(best_ckpt["encoder"])
     val_sims = score_split(model, feats["val"], caps["val"], tc.eval_chunk)
-    fusion, val = choose_fusion(model, val_sims, caps["val"], tc.fusion_grid)
+    fusion, val = choose_fusion(model, val_sims, caps["val"], tc.fusion_grid, tc.global_grid)
     if model.searches_fusion:
-        echo(f"fusion weights (val): alpha={fusion.alpha} beta={fusion.beta} lambda={fusion.lam}")
+        echo(f"fusion weights (val): alpha={fusion.alpha} beta={fusion.beta} lambda={fusion.lam}"
+             + (f" mu={fusion.mu}" if GLOBAL in val_sims else ""))
     save_checkpoint(out / "best.pt", {**best_ckpt, "fusion": vars(fusion), "val_metrics": _summary(val)})
     log_event(out, event="fusion", fusion=vars(fusion), val=_summary(val))
     return out / "best.pt", val_sims
@@ -184,7 +203,7 @@ def train_step(model, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: Split
     opt.zero_grad()
     loss.backward()
     if cfg.train.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
     opt.step()
     return float(loss.detach())
 
@@ -256,16 +275,18 @@ def _val_report(model, feats, caps, fusion, chunk):
     return retrieval_report(model.fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
 
 
-def choose_fusion(model, sims: dict, caps: Captions, grid) -> tuple[Fusion, dict]:
-    """Grid search of eq. (7)'s alpha, beta, lambda for the best validation MAP (FB-Net; the
-    related models fuse with weights of their own, so their grid is one point)."""
+def choose_fusion(model, sims: dict, caps: Captions, grid, global_grid=(1.0,)) -> tuple[Fusion, dict]:
+    """Grid search of eq. (7)'s alpha, beta, lambda (and mu, the pooled global branch's weight, over
+    ``global_grid`` when the model has one) for the best validation MAP (FB-Net; the related models
+    fuse with weights of their own, so their grid is one point)."""
     has_fg = any(b == "foreground" for b, _ in sims)
-    levels = max(u for _, u in sims)
+    levels = max(u for b, u in sims if b != "global")
     grid = grid if model.searches_fusion else (1.0,)
+    mus = global_grid if model.searches_fusion and GLOBAL in sims else (1.0,)
     best = None
-    for alpha, beta, lam in itertools.product(grid if has_fg else (1.0,), grid if levels > 1 else (1.0,),
-                                              grid if levels > 2 else (1.0,)):
-        fusion = Fusion(alpha, beta, lam)
+    for alpha, beta, lam, mu in itertools.product(grid if has_fg else (1.0,), grid if levels > 1 else (1.0,),
+                                                  grid if levels > 2 else (1.0,), mus):
+        fusion = Fusion(alpha, beta, lam, mu)
         rep = retrieval_report(model.fuse(sims, fusion), caps.image, caps.image_labels, caps.labels)
         score = rep[rep["primary"]]["map"]
         if best is None or score > best[0] + 1e-12:

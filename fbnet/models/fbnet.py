@@ -10,7 +10,13 @@ windows of eqs. (11)-(12), through stacked cross attention (eqs. 13-15).
 Eq. (7), as implemented (the paper weighs the foreground branch by alpha and levels 2 and 3 by
 beta and lambda)::
 
-    S = alpha * (S^F_1 + beta S^F_2 + lambda S^F_3) + (S^B_1 + beta S^B_2 + lambda S^B_3)
+    S = alpha * (S^F_1 + beta S^F_2 + lambda S^F_3) + (S^B_1 + beta S^B_2 + lambda S^B_3) + mu S^G
+
+``S^G`` is not the paper's: with ``model.global_pool`` set, a pooled global branch (key ``G1``)
+projects every block of both branches with a projection of its own, pools them into one image
+vector (:mod:`fbnet.models.pooling`: GPO, max or mean) and pools B-Net's word features (eq. 10)
+the same way into one caption vector; ``S^G`` is their cosine. Its weight mu is chosen on the
+validation split with alpha, beta and lambda (``train.global_grid``); without it mu is 0.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from torch import nn
 from ..config import ModelConfig
 from ..windows import blocks_per_level, level_slices
 from .attention import cross_attention, grouped_cross_attention
+from .pooling import build_pool
 from .text import TextEncoder, text_windows
 
-BRANCH_KEY = {"background": "B", "foreground": "F"}
+BRANCH_KEY = {"background": "B", "foreground": "F", "global": "G"}
+GLOBAL = ("global", 1)
 
 
 @dataclass(frozen=True)
@@ -36,11 +44,14 @@ class Fusion:
     alpha: float = 1.0
     beta: float = 1.0
     lam: float = 1.0
+    mu: float = 1.0  # the pooled global branch (not the paper's)
 
     def level_weight(self, level: int) -> float:
         return (1.0, self.beta, self.lam)[level - 1]
 
     def weight(self, branch: str, level: int) -> float:
+        if branch == "global":
+            return self.mu
         return (self.alpha if branch == "foreground" else 1.0) * self.level_weight(level)
 
 
@@ -61,6 +72,10 @@ class FBNet(nn.Module):
         self.text = nn.ModuleDict({
             BRANCH_KEY[b]: TextEncoder(vocab_size, cfg.word_dim, cfg.embed_dim) for b in self.branches
         })
+        self.global_pool = cfg.global_pool
+        if self.global_pool:
+            self.proj["G"] = nn.Linear(feature_dim, cfg.embed_dim)
+            self.image_pool, self.text_pool = build_pool(self.global_pool), build_pool(self.global_pool)
         for lin in self.proj.values():  # Xavier init as in SCAN's image encoder
             r = (6.0 / (lin.in_features + lin.out_features)) ** 0.5
             nn.init.uniform_(lin.weight, -r, r)
@@ -73,7 +88,8 @@ class FBNet(nn.Module):
 
     @property
     def keys(self) -> list[tuple[str, int]]:
-        return [(b, u) for b in self.branches for u in range(1, self.levels + 1)]
+        local = [(b, u) for b in self.branches for u in range(1, self.levels + 1)]
+        return local + [GLOBAL] if self.global_pool else local
 
     def encode_images(self, background: torch.Tensor, foreground: torch.Tensor, fg_mask: torch.Tensor,
                       boxes: torch.Tensor | None = None, static_shapes: bool = False):
@@ -107,7 +123,20 @@ class FBNet(nn.Module):
                     blocks = emb[:, :, sl].reshape(n, j * blocks_per_level(u), -1)
                     mask = fg_mask.to(blocks.dtype).repeat_interleave(blocks_per_level(u), dim=1)
                 out[(branch, u)] = (blocks, mask)
+        if self.global_pool:
+            out[GLOBAL] = self._pooled_image(background, foreground, fg_mask, static_shapes)
         return out
+
+    def _pooled_image(self, background, foreground, fg_mask, static_shapes):
+        """``S^G``'s image side: every block of both branches (real boxes' only), projected and
+        pooled into one unit vector ``(N, 1, d)`` with mask ``(N, 1)``."""
+        n, j, nb = foreground.shape[:3]
+        units = torch.cat([background.float(), foreground.reshape(n, j * nb, -1).float()], dim=1)
+        mask = torch.cat([torch.ones(n, nb, device=units.device),
+                          fg_mask.to(torch.float32).repeat_interleave(nb, dim=1)], dim=1)
+        proj = self.proj["G"]
+        pooled = self.image_pool(proj(F.normalize(units, dim=-1)), mask, static_shapes)
+        return F.normalize(pooled, dim=-1).unsqueeze(1), torch.ones(n, 1, device=units.device)
 
     def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor, static_shapes: bool = False):
         """Unit-length text-window embeddings per (branch, level): ``(N, u**2, d)``
@@ -117,6 +146,10 @@ class FBNet(nn.Module):
             words = self.text[BRANCH_KEY[branch]](ids, lengths, static_shapes)
             for u in range(1, self.levels + 1):
                 out[(branch, u)] = F.normalize(text_windows(words, lengths, blocks_per_level(u)), dim=-1)
+            if self.global_pool and branch == self.branches[0]:  # S^G reads the first branch's words
+                valid = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]).float()
+                pooled = self.text_pool(words, valid, static_shapes)
+                out[GLOBAL] = F.normalize(pooled, dim=-1).unsqueeze(1)
         return out
 
     def similarities(self, images: dict, texts: dict, attended_images: str = "gram",
@@ -125,8 +158,11 @@ class FBNet(nn.Module):
         skipped by grouping images by box count; ``static_shapes`` (exported graphs) takes the
         masked form instead (the runtime groups its gallery chunks itself)."""
         score = cross_attention if static_shapes else grouped_cross_attention
-        return {key: score(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2, attended_images)
-                for key in self.keys}
+        out = {key: score(images[key][0], images[key][1], texts[key], self.cfg.delta1, self.cfg.delta2, attended_images)
+               for key in self.keys if key != GLOBAL}
+        if self.global_pool:
+            out[GLOBAL] = torch.matmul(images[GLOBAL][0][:, 0], texts[GLOBAL][:, 0].t())
+        return out
 
     def fuse(self, sims: dict, fusion: Fusion) -> torch.Tensor:
         """Eq. (7) (:func:`fuse`)."""

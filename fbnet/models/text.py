@@ -35,26 +35,32 @@ class TextEncoder(nn.Module):
         self.bwd = nn.GRU(word_dim, embed_dim, batch_first=True)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor, static_shapes: bool = False) -> torch.Tensor:
-        x = self.embed(ids)
-        steps = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, L)
-        valid = steps < lengths.unsqueeze(1)  # (B, L)
-        # Reverse each caption within its length: position t reads word (len - 1 - t).
-        rev = torch.where(valid, lengths.unsqueeze(1) - 1 - steps, steps)
-        gather = rev.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        h_fwd = self._run(self.fwd, x, lengths, static_shapes)
-        h_bwd_rev = self._run(self.bwd, torch.gather(x, 1, gather), lengths, static_shapes)
-        h_bwd = torch.gather(h_bwd_rev, 1, rev.unsqueeze(-1).expand(-1, -1, h_bwd_rev.shape[-1]))
-        words = (h_fwd + h_bwd) / 2
-        return words * valid.unsqueeze(-1).to(words.dtype)
+        return bidirectional_mean(self.fwd, self.bwd, self.embed(ids), lengths, static_shapes)
 
-    @staticmethod
-    def _run(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, static_shapes: bool) -> torch.Tensor:
-        """The GRU over the padded batch (``static_shapes``: what exports), or packed, which skips
-        the padding's steps (PyTorch only; the same states at every real word)."""
-        if static_shapes:
-            return gru(x)[0]
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        return pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+def bidirectional_mean(fwd: nn.GRU, bwd: nn.GRU, x: torch.Tensor, lengths: torch.Tensor,
+                       static_shapes: bool = False) -> torch.Tensor:
+    """Eq. (10)'s ``(h_fwd + h_bwd) / 2`` of two GRUs over ``x (B, L, D)`` with ``lengths``, zero
+    past each length; the backward GRU reads each sequence reversed within its length."""
+    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, L)
+    valid = steps < lengths.unsqueeze(1)  # (B, L)
+    # Reverse each sequence within its length: position t reads element (len - 1 - t).
+    rev = torch.where(valid, lengths.unsqueeze(1) - 1 - steps, steps)
+    gather = rev.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    h_fwd = _run(fwd, x, lengths, static_shapes)
+    h_bwd_rev = _run(bwd, torch.gather(x, 1, gather), lengths, static_shapes)
+    h_bwd = torch.gather(h_bwd_rev, 1, rev.unsqueeze(-1).expand(-1, -1, h_bwd_rev.shape[-1]))
+    out = (h_fwd + h_bwd) / 2
+    return out * valid.unsqueeze(-1).to(out.dtype)
+
+
+def _run(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, static_shapes: bool) -> torch.Tensor:
+    """The GRU over the padded batch (``static_shapes``: what exports), or packed, which skips
+    the padding's steps (PyTorch only; the same states at every real position)."""
+    if static_shapes:
+        return gru(x)[0]
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=x.shape[1])[0]
 
 
 def window_spans(lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

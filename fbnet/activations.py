@@ -1,0 +1,135 @@
+"""Cached activations of the backbone's frozen part, for fine-tuning its top
+(``model.backbone.trainable_blocks``; :mod:`fbnet.models.backbone`).
+
+Block features cannot be cached when the top of the backbone that makes them changes every step.
+What is cached instead, once per image and view, is the frozen part's activation map
+(MobileNetV2 with its last two modules trained, on a 224 px canvas: 160 x 7 x 7, 15.7 KB in
+float16), with the window boxes of both branches (:func:`fbnet.features.detect_blocks`, from the
+detector run once on the unflipped canvas) and the box mask. Each step then runs the top and
+RoIAlign on the cached maps (:class:`ActivationFeatures`), which gives the block features the
+full backbone gives for the same image (tested).
+
+Views: ``identity`` and ``hflip`` (the canvas mirrored; every window box mirrored with it, so a
+block covers the same content). Training samples one view per image and step; evaluation reads
+``identity``.
+
+A split's cache is a directory (``lower.npy``, ``blocks.npy``, ``mask.npy``, ``key``) written
+atomically. Its key hashes the frozen part's and the detector's weights (bytes, not a summary),
+the settings that change the maps and the images, so a cache made with another backbone state is
+never reused: it is rebuilt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import atomic_dir
+from .data.manifest import Item
+from .features import cache_key, detect_blocks, split_branches, state_digest
+from .models.backbone import BlockEncoder
+from .models.detector import Detector
+from .preprocess import load_image
+from .windows import blocks_upto
+
+FILES = ("lower", "blocks", "mask")
+
+
+def view_canvases(canvases: torch.Tensor, view: str) -> torch.Tensor:
+    return canvases.flip(-1) if view == "hflip" else canvases
+
+
+def view_boxes(boxes: torch.Tensor, view: str, size: int) -> torch.Tensor:
+    """Boxes ``(..., 4)`` (x1, y1, x2, y2 on a ``size`` canvas) as they lie in ``view``."""
+    if view != "hflip":
+        return boxes
+    return torch.stack([size - boxes[..., 2], boxes[..., 1], size - boxes[..., 0], boxes[..., 3]], dim=-1)
+
+
+@dataclass
+class ActivationFeatures:
+    """A split's cached activations, read as block features through ``encoder``'s top.
+
+    ``tensors(index)`` gives what :meth:`fbnet.features.SplitFeatures.tensors` gives (B-Net
+    blocks, F-Net blocks, box mask, F-Net region boxes), computed by the encoder's current top,
+    with gradients when its parameters require them. With ``rng`` set (training) each image is
+    read in a random cached view; else in the first (``identity``)."""
+
+    lower: np.ndarray  # (N, V, C, h, w) float16
+    blocks: np.ndarray  # (N, V, (1 + J) * B, 4) window boxes on the canvas
+    fg_mask: np.ndarray  # (N, J) bool
+    encoder: BlockEncoder
+    levels: int
+    canvas: int
+    rng: np.random.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.fg_mask)
+
+    def tensors(self, index):
+        idx = np.arange(len(self))[index]
+        views = (self.rng.integers(self.lower.shape[1], size=len(idx)) if self.rng is not None
+                 else np.zeros(len(idx), dtype=np.int64))
+        mask = np.array(self.fg_mask[idx])
+        j = max(1, int(mask.sum(axis=1).max())) if len(mask) else mask.shape[1]
+        nb = blocks_upto(self.levels)
+        device = self.encoder.mean.device
+        lower = torch.from_numpy(np.array(self.lower[idx, views])).to(device).float()
+        boxes = torch.from_numpy(np.array(self.blocks[idx, views, : (1 + j) * nb])).to(device)
+        background, foreground = split_branches(self.encoder.pool_blocks_linear(lower, boxes), self.levels)
+        regions = boxes.reshape(len(idx), 1 + j, nb, 4)[:, 1:, 0] / self.canvas
+        return background, foreground, torch.from_numpy(mask[:, :j]).to(device), regions
+
+
+@torch.no_grad()
+def extract_activations(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
+                        image_size: int, levels: int, max_boxes: int, views: tuple[str, ...],
+                        cache: Path, key: str, batch_size: int = 32,
+                        desc: str = "activations") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lower, blocks, mask)`` of ``items``, from ``cache`` when its key matches, else computed
+    (written straight into the cache's arrays, then committed atomically)."""
+    cache = Path(cache)
+    if not ((cache / "key").is_file() and (cache / "key").read_text() == key):
+        probe = encoder.lower(torch.zeros(1, 3, image_size, image_size))
+        n, v, nb = len(items), len(views), (1 + max_boxes) * blocks_upto(levels)
+        with atomic_dir(cache) as tmp:
+            open_array = lambda name, shape, dtype: np.lib.format.open_memmap(  # noqa: E731
+                tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            lower = open_array("lower", (n, v, *probe.shape[1:]), np.float16)
+            blocks = open_array("blocks", (n, v, nb, 4), np.float32)
+            mask = open_array("mask", (n, max_boxes), np.bool_)
+            for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
+                sl = slice(start, min(start + batch_size, n))
+                canvases = torch.from_numpy(np.stack([load_image(it.image, image_size) for it in items[sl]]))
+                block_boxes, mask[sl], _ = detect_blocks(canvases, detector, levels, max_boxes)
+                for i, view in enumerate(views):
+                    lower[sl, i] = encoder.lower(view_canvases(canvases, view)).numpy().astype(np.float16)
+                    blocks[sl, i] = view_boxes(block_boxes, view, image_size).numpy()
+            for array in (lower, blocks, mask):
+                array.flush()
+            del lower, blocks, mask
+            (tmp / "key").write_text(key)
+    load = lambda name: np.load(cache / f"{name}.npy", mmap_mode="r")  # noqa: E731
+    return tuple(load(name) for name in FILES)
+
+
+def activation_key(items: list[Item], encoder: BlockEncoder, detector: Detector | None, frozen_cfg: dict,
+                   views: tuple[str, ...]) -> str:
+    """The cache key: images, settings and the exact bytes of the frozen weights."""
+    parts = {"model": frozen_cfg, "views": list(views), "lower": state_digest(encoder.lower_state()),
+             "split_at": encoder.split_at,
+             "detector": state_digest(detector.state_dict()) if detector is not None else None}
+    return cache_key(items, parts)
+
+
+def split_activations(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
+                      frozen_cfg: dict, image_size: int, levels: int, max_boxes: int,
+                      views: tuple[str, ...], cache: Path, desc: str) -> ActivationFeatures:
+    key = activation_key(items, encoder, detector, frozen_cfg, views)
+    lower, blocks, mask = extract_activations(items, encoder, detector, image_size=image_size, levels=levels,
+                                              max_boxes=max_boxes, views=views, cache=cache, key=key, desc=desc)
+    return ActivationFeatures(lower, blocks, mask, encoder, levels, image_size)

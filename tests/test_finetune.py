@@ -1,0 +1,118 @@
+"""Fine-tuning the backbone's top: the cached-activation path against the full backbone, and the
+pooled global branch's GPO against a hand computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from fbnet.activations import ActivationFeatures, extract_activations, view_boxes
+from fbnet.config import BackboneConfig, FBNetConfig
+from fbnet.data.manifest import Item
+from fbnet.features import compute_features
+from fbnet.models.backbone import BlockEncoder
+from fbnet.models.pooling import GPO, MaxPool, MeanPool, sorted_units
+
+
+def _images(tmp_path, n=5, size=96):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+        items.append(Item(id=str(i), image=path, captions=["a"], split="train"))
+    return items
+
+
+def _encoder(k=2):
+    """A MobileNetV2 encoder whose activations are of order 1 (torchvision's random init gives
+    ~1e-9 features, below float16's range): unit batch norms and He-initialised convolutions."""
+    enc = BlockEncoder(BackboneConfig(name="mobilenet_v2", weights="", image_size=96, trainable_blocks=k), seed=1)
+    torch.manual_seed(1)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_parameters()
+        elif isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    return enc
+
+
+def test_encoder_split_is_the_full_backbone():
+    enc = _encoder()
+    assert enc.split_at == len(enc.trunk) - 2
+    images = torch.rand(2, 3, 96, 96)
+    boxes = torch.tensor([[[0, 0, 96, 96], [10, 20, 60, 90]]] * 2, dtype=torch.float32)
+    assert torch.allclose(enc(images, boxes), enc.pool_blocks(enc.lower(images), boxes), atol=1e-6)
+    assert all(not p.requires_grad for p in enc.parameters())  # frozen until training asks
+
+
+def test_cached_activations_equal_the_full_backbone(tmp_path):
+    """The same block features (float16 cache tolerance) from cached lower activations + the top
+    as from :func:`compute_features`, which runs the whole backbone on each image."""
+    items = _images(tmp_path)
+    enc = _encoder()
+    full = compute_features(items, enc, None, image_size=96, levels=3, max_boxes=2, batch_size=2)
+    lower, blocks, mask = extract_activations(items, enc, None, image_size=96, levels=3, max_boxes=2,
+                                              views=("identity", "hflip"), cache=tmp_path / "cache", key="k")
+    assert lower.dtype == np.float16 and lower.shape[:2] == (5, 2)
+    cached = ActivationFeatures(lower, blocks, mask, enc, levels=3, canvas=96)
+    with torch.no_grad():
+        bg, fg, m, _ = cached.tensors(slice(None))
+    ref_bg, ref_fg, ref_m, _ = full.tensors(slice(None))
+    scale = float(ref_bg.abs().max())
+    assert torch.allclose(bg, ref_bg, atol=2e-3 * scale) and torch.allclose(fg, ref_fg, atol=2e-3 * scale)
+    assert torch.equal(m, ref_m)
+    # the mirrored view's boxes are the identity view's, mirrored
+    assert np.allclose(blocks[:, 1], view_boxes(torch.from_numpy(np.array(blocks[:, 0])), "hflip", 96).numpy())
+    # a changed key rebuilds the cache instead of reusing it
+    again = extract_activations(items, _encoder(k=1), None, image_size=96, levels=3, max_boxes=2,
+                                views=("identity",), cache=tmp_path / "cache", key="other")
+    assert again[0].shape[1] == 1 and again[0].shape[2] != lower.shape[2]
+
+
+def test_top_gets_gradients_through_the_cache(tmp_path):
+    items = _images(tmp_path, n=2)
+    enc = _encoder()
+    arrays = extract_activations(items, enc, None, image_size=96, levels=1, max_boxes=1, views=("identity",),
+                                 cache=tmp_path / "c", key="k")
+    enc.top().requires_grad_(True)
+    bg, fg, _, _ = ActivationFeatures(*arrays, enc, levels=1, canvas=96).tensors([0, 1])
+    (bg.sum() + fg.sum()).backward()
+    assert all(p.grad is not None for p in enc.top().parameters())
+    assert all(p.grad is None for p in enc.trunk[: enc.split_at].parameters())
+
+
+def test_gpo_against_a_hand_computation():
+    x = torch.tensor([[[1.0, 5.0], [3.0, 2.0], [7.0, 0.0]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third unit is padding
+    assert torch.equal(sorted_units(x, mask), torch.tensor([[[3.0, 5.0], [1.0, 2.0], [0.0, 0.0]]]))
+    gpo = GPO()
+    theta = gpo.weights(mask)
+    assert theta[0, 2] == 0 and torch.isclose(theta.sum(), torch.tensor(1.0))
+    expected = theta[0, 0] * torch.tensor([3.0, 5.0]) + theta[0, 1] * torch.tensor([1.0, 2.0])
+    assert torch.allclose(gpo(x, mask)[0], expected)
+    # equal scores are average pooling; a dominant first score is max pooling
+    torch.nn.init.zeros_(gpo.score.weight)
+    assert torch.allclose(gpo(x, mask), torch.tensor([[2.0, 3.5]]))
+    assert torch.allclose(MeanPool()(x, mask), torch.tensor([[2.0, 3.5]]))
+    assert torch.allclose(MaxPool()(x, mask), torch.tensor([[3.0, 5.0]]))
+
+
+def test_gpo_exported_form_equals_packed():
+    """The exported form (padded GRU, reversal by gather) gives the packed form's weights."""
+    torch.manual_seed(0)
+    gpo = GPO()
+    mask = torch.tensor([[1.0] * 5 + [0.0] * 3, [1.0] * 8, [1.0] * 2 + [0.0] * 6])
+    assert torch.allclose(gpo.weights(mask), gpo.weights(mask, static_shapes=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [{"model": {"backbone": {"trainable_blocks": -1}}},
+                                 {"model": {"backbone": {"name": "detector", "trainable_blocks": 2}}},
+                                 {"data": {"views": ["hflip"]}},
+                                 {"model": {"global_pool": "median"}}])
+def test_bad_finetune_settings_are_refused(bad):
+    from fbnet.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        FBNetConfig.from_dict(bad).validate()
