@@ -16,11 +16,12 @@ import torch
 
 from . import FORMAT_VERSION, __version__
 from .atomic import atomic_write
+from .errors import FbnetError
 
 KIND = "fbnet-checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FbnetError, ValueError):
     """A checkpoint is missing, truncated, or from an incompatible version."""
 
 

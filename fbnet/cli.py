@@ -12,29 +12,20 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, FBNetConfig
+from .config import FBNetConfig
+from .errors import FbnetError
 
 DEFAULT_SYNTH_SIZES = (800, 200, 200)
 
 
-def _known_errors():
-    from .checkpoint import CheckpointError
-    from .data.embeddings import WordVectorError
-    from .data.manifest import DatasetError
-    from .models.backbone import WeightsError
-    from .preprocess import ImageError
-
-    return (ConfigError, CheckpointError, DatasetError, ImageError, WeightsError, WordVectorError,
-            FileExistsError, FileNotFoundError)
-
-
 class _Group(click.Group):
-    """Turns the toolkit's own errors into one clear line and exit code 1 (no traceback)."""
+    """Turns the toolkit's own errors (:class:`~fbnet.errors.FbnetError`) into one clear line and
+    exit code 1 (no traceback)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except _known_errors() as exc:
+        except FbnetError as exc:
             raise click.ClickException(str(exc)) from None
 
 
@@ -125,6 +116,10 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
 
         if out is None:
             raise click.UsageError("--resume needs --out, the run directory to continue")
+        if word_vectors:
+            raise click.UsageError("--word-vectors cannot change a resumed run: its word embeddings were "
+                                   "initialised at the start and have been trained since; start a new run "
+                                   "(another --out) to use other vectors")
         state = load_checkpoint(out / "last.pt")
         cfg = FBNetConfig.from_dict(state["config"], str(out / "last.pt"))
         data_dir = data_dir or Path(state["data_root"])
@@ -161,6 +156,29 @@ def evaluate_cmd(checkpoint, split, data_dir, out):
 
     report = evaluate(checkpoint, split, data=data_dir, out=out)
     click.echo(format_report(report))
+
+
+@main.command("ensemble")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ensemble file to write (.yaml or .json)")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), help="dataset (default: the first member's)")
+@click.option("--grid", default="0.25,0.5,1,2", show_default=True, help="weights tried for each member after the first")
+def ensemble_cmd(checkpoints, out, data_dir, grid):
+    """Combine checkpoints into an ensemble, with score weights chosen on the validation split."""
+    from .ensemble import Ensemble, Member, choose_weights, member_checkpoints, write_ensemble
+    from .evaluate import format_report, member_scores
+
+    draft = Ensemble(out, tuple(Member(Path(c), 1.0) for c in checkpoints))
+    data_dir = data_dir or member_checkpoints(draft)[0]["data_root"]
+    parts = [member_scores(c, "val", data_dir) for c in checkpoints]
+    caps = parts[0][2]
+    weights, report = choose_weights([p[0] for p in parts], caps.image, caps.image_labels, caps.labels,
+                                     tuple(float(g) for g in grid.split(",")))
+    write_ensemble(out, list(checkpoints), weights)
+    click.echo(f"member weights (val): {', '.join(f'{c}: {w}' for c, w in zip(checkpoints, weights))}")
+    click.echo(format_report({**report, "split": "val"}))
+    click.echo(f"wrote {out}")
 
 
 @main.command("export")

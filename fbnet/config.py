@@ -1,26 +1,59 @@
 """Typed configuration for data, model and training (one YAML/JSON file, all sections optional).
 
-``FBNetConfig.load(path)`` reads a file; unknown keys are an error that names the file and key,
-so a typo never silently falls back to a default.
+``FBNetConfig.load(path)`` reads a file and validates it with pydantic: types, ranges and
+cross-field rules are checked at load, and an error names the file and the key
+(``c.yaml: train.epochs: must be >= 1 (got -3)``); an unknown key is an error too, so a typo never
+silently falls back to a default. The names a config may give for models, backbones, detectors
+and losses are the keys of the registries in :mod:`fbnet.models.registry`, which also build them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import FbnetError
+from .models.registry import BACKBONES, DETECTORS, LOSSES, MODELS
 
 
-@dataclass
-class DataConfig:
+class ConfigError(FbnetError, ValueError):
+    """A configuration file or value is wrong; the message names where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _registered(registry: dict, what: str):
+    def check(value: str) -> str:
+        if value not in registry:
+            raise ValueError(f"unknown {what} {value!r} (known: {', '.join(registry)})")
+        return value
+    return check
+
+
+def _as_tuple(value):
+    """A scalar where a list is expected is a one-element list (``branches: background``)."""
+    return value if isinstance(value, (list, tuple)) else (value,)
+
+
+class DataConfig(_Section):
     #: Dataset directory in the fbnet layout (see docs/data.md); empty = embedded synthetic default.
     root: str = ""
     #: Captions longer than this many tokens are truncated.
-    max_words: int = 32
+    max_words: int = Field(32, ge=1)
     #: Words seen fewer times than this in the training captions map to <unk>.
-    min_word_count: int = 1
+    min_word_count: int = Field(1, ge=1)
     #: Optional word2vec binary or GloVe text file to initialise the 300-d word embeddings.
     word_vectors: str = ""
     #: Directory of cached block features, shared by every run whose frozen stages match (the
@@ -28,139 +61,181 @@ class DataConfig:
     feature_cache: str = ""
     #: Views of every training image cached when the backbone's top is fine-tuned, one sampled
     #: per image and step: ``identity`` and ``hflip`` (the canvas mirrored, boxes with it).
-    views: tuple[str, ...] = ("identity",)
+    views: tuple[Literal["identity", "hflip"], ...] = ("identity",)
+
+    _views_tuple = field_validator("views", mode="before")(_as_tuple)
+
+    @field_validator("views")
+    @classmethod
+    def _views_start_with_identity(cls, v):
+        if v[:1] != ("identity",) or len(set(v)) != len(v):
+            raise ValueError("must start with 'identity' and name each view once (identity, hflip)")
+        return v
 
 
-@dataclass
-class BackboneConfig:
+class BackboneConfig(_Section):
     #: ``alexnet`` (the paper: fc7, 4096-d), ``mobilenet_v2`` (1280-d) or ``resnet18`` (512-d).
     name: str = "mobilenet_v2"
+    _known = field_validator("name")(_registered(BACKBONES, "backbone"))
     #: ``""`` random init (seeded), ``"imagenet"`` torchvision's weights API, or a state_dict path.
     weights: str = ""
     #: ``roi``: one backbone pass per image, blocks pooled from the feature map with RoIAlign.
     #: ``crop``: the paper's mode, one backbone pass per cropped and resized block.
-    mode: str = "roi"
+    mode: Literal["roi", "crop"] = "roi"
     #: Side of the square canvas every image is resized to before windows are cut.
-    image_size: int = 224
+    image_size: int = Field(224, ge=32)
     #: Side each block is resized to in ``crop`` mode.
-    crop_size: int = 224
+    crop_size: int = Field(224, ge=16)
     #: ``roi`` mode: how many of the trunk's last modules are fine-tuned (0 = all frozen; for
     #: MobileNetV2, 2 = the last inverted-residual block and the 1x1 convolution to 1280). Training
     #: then caches the frozen part's activations per image (``fbnet.activations``).
-    trainable_blocks: int = 0
+    trainable_blocks: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _finetune_needs_roi(self):
+        if self.trainable_blocks and (self.mode != "roi" or self.name == "detector"):
+            raise ValueError("trainable_blocks > 0 needs mode 'roi' and a torchvision backbone "
+                             f"(not {self.name!r} in mode {self.mode!r})")
+        return self
 
 
-@dataclass
-class DetectorConfig:
+class DetectorConfig(_Section):
     #: ``fasterrcnn`` (the paper's choice; torchvision), ``fasterrcnn_light`` (small backbone,
     #: trained on the dataset's boxes in minutes on a CPU) or ``none`` (whole image as the box).
     name: str = "fasterrcnn_light"
+    _known = field_validator("name")(_registered(DETECTORS, "detector"))
     #: Optional detector state_dict path; when empty and the dataset has boxes, it is fine-tuned.
     weights: str = ""
     #: At most J boxes per image (paper: 9) with confidence at least this (paper: 0.1).
-    max_boxes: int = 9
-    score_threshold: float = 0.1
+    max_boxes: int = Field(9, ge=1)
+    score_threshold: float = Field(0.1, ge=0.0, le=1.0)
     #: Fine-tuning budget on the dataset's boxes.
-    epochs: int = 12
-    batch_size: int = 8
-    lr: float = 0.01
+    epochs: int = Field(12, ge=0)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(0.01, gt=0.0)
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     #: Which model scores the pairs (see :mod:`fbnet.models.registry`): ``fbnet`` (this paper),
     #: ``scan``, ``dsrln``, ``rgf`` or ``sfe`` (the related region-word models).
     name: str = "fbnet"
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    _known = field_validator("name")(_registered(MODELS, "model"))
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
     #: Joint embedding size d (paper: 1024).
-    embed_dim: int = 1024
+    embed_dim: int = Field(1024, ge=1)
     #: Word embedding size (paper: 300).
-    word_dim: int = 300
+    word_dim: int = Field(300, ge=1)
     #: Levels of the multi-scale scan (paper: 1-3, i.e. 1, 4 and 9 blocks / text windows).
-    levels: int = 3
+    levels: int = Field(3, ge=1, le=3)
     #: Branches: ``background`` (B-Net) and/or ``foreground`` (F-Net).
-    branches: tuple[str, ...] = ("background", "foreground")
+    branches: tuple[Literal["background", "foreground"], ...] = ("background", "foreground")
+    _branches_tuple = field_validator("branches", mode="before")(_as_tuple)
     #: Inverse softmax temperatures of the stacked cross attention (eqs. 13-15).
-    delta1: float = 4.0
-    delta2: float = 9.0
+    delta1: float = Field(4.0, gt=0.0)
+    delta2: float = Field(9.0, gt=0.0)
     #: Region-word models: SCAN's attention direction (``t2i``, ``i2t`` or ``both``), pooling of
     #: the unit relevances (``avg`` or ``lse``) and LogSumExp's lambda_2 (Lee et al. 2018).
-    direction: str = "t2i"
-    pooling: str = "lse"
-    lse_lambda: float = 6.0
+    direction: Literal["t2i", "i2t", "both"] = "t2i"
+    pooling: Literal["avg", "lse"] = "lse"
+    lse_lambda: float = Field(6.0, gt=0.0)
     #: Region-word models: attention heads of their self- and cross-attention steps, and SFE's
     #: number of semantic concepts (external cues).
-    heads: int = 4
-    concepts: int = 64
+    heads: int = Field(4, ge=1)
+    concepts: int = Field(64, ge=1)
     #: FB-Net: a pooled global branch beside eq. (7)'s six matrices: ``gpo`` (VSE-infinity's
     #: generalized pooling), ``max``, ``mean`` or ``""`` (none). Its weight mu is chosen on dev.
-    global_pool: str = ""
+    global_pool: Literal["", "gpo", "max", "mean"] = ""
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        if not self.branches or len(set(self.branches)) != len(self.branches):
+            raise ValueError(f"branches must name 'background' and/or 'foreground' once each: {list(self.branches)}")
+        if self.embed_dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide embed_dim ({self.embed_dim})")
+        if self.backbone.name == "detector" and self.detector.name != "fasterrcnn_light":
+            raise ValueError("backbone 'detector' reuses the trunk of detector 'fasterrcnn_light', "
+                             f"not of {self.detector.name!r}: use another backbone or that detector")
+        return self
 
 
-@dataclass
-class LossConfig:
+class LossConfig(_Section):
     #: ``dsaw`` (eqs. 16-21) or ``triplet`` (VSE++ hardest negative, the paper's ablation).
     name: str = "dsaw"
-    sigma: float = 50.0
-    theta: float = 20.0
-    gamma: float = 0.2
+    _known = field_validator("name")(_registered(LOSSES, "loss"))
+    sigma: float = Field(50.0, gt=0.0)
+    theta: float = Field(20.0, gt=0.0)
+    gamma: float = Field(0.2, ge=0.0)
     #: Mining slack: a pair is kept when it is within this of the hardest opposite pair.
-    epsilon: float = 0.1
+    epsilon: float = Field(0.1, ge=0.0)
     #: Margin of the triplet alternative.
-    margin: float = 0.2
+    margin: float = Field(0.2, ge=0.0)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     #: The most epochs a run trains for.
-    epochs: int = 20
+    epochs: int = Field(20, ge=1)
     #: Early stopping: stop once this many epochs in a row brought no better validation MAP
     #: (0 = train every epoch). A resumed run counts the epochs it already has.
-    patience: int = 0
+    patience: int = Field(0, ge=0)
     #: Learning rate x this after each epoch without a better validation MAP (1 = constant).
-    plateau_decay: float = 1.0
-    batch_size: int = 128
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0
+    plateau_decay: float = Field(1.0, gt=0.0, le=1.0)
+    #: Pairs per step (at least 2: the loss needs negatives).
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(2.0, ge=0.0)
     seed: int = 0
     #: Captions per image that the per-epoch validation scores (0 = all). Validation costs
     #: images x captions cross-attention pairs; the fusion search and the final report use all.
-    val_captions: int = 0
+    val_captions: int = Field(0, ge=0)
     #: Pairs scored per chunk at evaluation (bounds memory).
-    eval_chunk: int = 256
+    eval_chunk: int = Field(256, ge=1)
     #: Grid for the fusion weights alpha, beta, lambda (paper's sensitivity study).
-    fusion_grid: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    fusion_grid: tuple[float, ...] = Field((0.2, 0.4, 0.6, 0.8, 1.0), min_length=1)
     #: Grid for mu, the weight of the pooled global branch (``model.global_pool``) in the fusion.
-    global_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    global_grid: tuple[float, ...] = Field((0.0, 0.5, 1.0, 2.0), min_length=1)
+    _grids_tuple = field_validator("fusion_grid", "global_grid", mode="before")(_as_tuple)
+
+    @field_validator("fusion_grid", "global_grid")
+    @classmethod
+    def _non_negative(cls, v):
+        if any(w < 0 for w in v):
+            raise ValueError(f"weights must be >= 0: {list(v)}")
+        return v
     #: Fine-tuned backbone top (``model.backbone.trainable_blocks``): its learning rate is
     #: ``lr`` x this, and it stays frozen for the first ``backbone_frozen_epochs`` epochs.
-    backbone_lr_scale: float = 0.1
-    backbone_frozen_epochs: int = 1
-    num_threads: int = 0
+    backbone_lr_scale: float = Field(0.1, gt=0.0)
+    backbone_frozen_epochs: int = Field(1, ge=0)
+    num_threads: int = Field(0, ge=0)
     #: Where the epochs run: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when a GPU is visible).
     #: Feature extraction and the frozen stages stay on the CPU; CPU runs are deterministic.
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|auto)$")
     #: ``float32``, or ``bfloat16``: the encoders' matrix products in bfloat16 (CPU autocast; about
     #: 2.7x the float32 matmul rate on CPUs with AVX512-BF16 or AMX, and on GPUs), the cross
     #: attention, the loss and evaluation in float32.
-    precision: str = "float32"
+    precision: Literal["float32", "bfloat16"] = "float32"
+    #: Also write TensorBoard scalars under ``<run>/tensorboard`` (``pip install fbnet[tensorboard]``).
+    tensorboard: bool = False
 
 
-@dataclass
-class FBNetConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class FBNetConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<config>") -> "FBNetConfig":
-        return _build(cls, data or {}, source, "")
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {_first_error(exc)}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "FBNetConfig":
@@ -178,77 +253,22 @@ class FBNetConfig:
                 data = yaml.safe_load(text)
         except Exception as exc:  # yaml and json both say where
             raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'yaml'}: {exc}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        return cls.from_dict(data or {}, str(path))
+        return cls.from_dict(data, str(path))
 
-    def validate(self) -> None:
-        m = self.model
-        from .models.registry import MODELS
-
-        if m.name not in MODELS:
-            raise ConfigError(f"model.name: unknown model {m.name!r} (known: {', '.join(MODELS)})")
-        if m.direction not in ("t2i", "i2t", "both") or m.pooling not in ("avg", "lse"):
-            raise ConfigError(f"model.direction must be t2i, i2t or both and model.pooling avg or lse, "
-                              f"not {m.direction!r} / {m.pooling!r}")
-        if m.embed_dim % m.heads:
-            raise ConfigError(f"model.heads ({m.heads}) must divide model.embed_dim ({m.embed_dim})")
-        if m.backbone.name not in ("alexnet", "mobilenet_v2", "resnet18", "detector"):
-            raise ConfigError(f"model.backbone.name: unknown backbone {m.backbone.name!r}")
-        if m.backbone.mode not in ("roi", "crop"):
-            raise ConfigError(f"model.backbone.mode must be 'roi' or 'crop', not {m.backbone.mode!r}")
-        if not m.branches or any(b not in ("background", "foreground") for b in m.branches):
-            raise ConfigError(f"model.branches must name 'background' and/or 'foreground': {m.branches}")
-        if not 1 <= m.levels <= 3:
-            raise ConfigError(f"model.levels must be 1, 2 or 3, not {m.levels}")
-        if self.loss.name not in ("dsaw", "triplet"):
-            raise ConfigError(f"loss.name must be 'dsaw' or 'triplet', not {self.loss.name!r}")
-        if self.train.precision not in ("float32", "bfloat16"):
-            raise ConfigError(f"train.precision must be float32 or bfloat16, not {self.train.precision!r}")
-        if not 0.0 < self.train.plateau_decay <= 1.0:
-            raise ConfigError(f"train.plateau_decay must be in (0, 1], not {self.train.plateau_decay}")
-        if self.train.patience < 0:
-            raise ConfigError(f"train.patience must be >= 0, not {self.train.patience}")
-        if self.train.device != "auto" and self.train.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ConfigError(f"train.device must be cpu, cuda, cuda:N or auto, not {self.train.device!r}")
-        if m.backbone.trainable_blocks < 0 or (m.backbone.trainable_blocks and (
-                m.backbone.mode != "roi" or m.backbone.name == "detector")):
-            raise ConfigError("model.backbone.trainable_blocks must be >= 0, and fine-tuning needs "
-                              f"mode 'roi' and a torchvision backbone (not {m.backbone.name!r}/{m.backbone.mode!r})")
-        if any(v not in ("identity", "hflip") for v in self.data.views) or self.data.views[:1] != ("identity",):
-            raise ConfigError(f"data.views must start with 'identity' and name identity/hflip: {self.data.views}")
-        if m.global_pool not in ("", "gpo", "max", "mean"):
-            raise ConfigError(f"model.global_pool must be gpo, max, mean or empty, not {m.global_pool!r}")
-        if m.detector.name not in ("fasterrcnn", "fasterrcnn_light", "yolov3_tiny", "none"):
-            raise ConfigError(f"model.detector.name: unknown detector {m.detector.name!r}")
+    def validate(self) -> None:  # noqa: D102  (values set after loading, e.g. --epochs, checked again)
+        type(self).from_dict(self.to_dict(), "config")
 
 
-class ConfigError(ValueError):
-    """A configuration file or value is wrong; the message names where."""
-
-
-def _build(cls, data: dict[str, Any], source: str, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.')}' must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known: {known})")
-        ftype = fields[key].type
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, source, f"{prefix}{key}.")
-        elif isinstance(default, tuple):
-            kwargs[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        elif isinstance(default, bool) or default is None:
-            kwargs[key] = value
-        elif isinstance(default, (int, float, str)):
-            try:
-                kwargs[key] = type(default)(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{source}: '{prefix}{key}' must be {ftype}, not {value!r}") from None
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+def _first_error(exc: ValidationError) -> str:
+    """One line for pydantic's first error: the dotted key, what is wrong, the value given."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or err["type"] != "literal_error")
+    if err["type"] == "extra_forbidden":
+        section = FBNetConfig
+        for part in err["loc"][:-1]:
+            section = section.model_fields[part].annotation
+        return f"unknown key '{loc}' (known: {', '.join(sorted(section.model_fields))})"
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"'{loc}': {message}{shown}" if loc else f"{message}{shown}"

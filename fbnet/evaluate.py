@@ -11,6 +11,7 @@ from .atomic import atomic_write, atomic_write_text
 from .checkpoint import load_checkpoint
 from .config import FBNetConfig
 from .data.manifest import load_dataset
+from .ensemble import combine, is_ensemble, load_ensemble, member_checkpoints
 from .metrics import PR_LEVELS, RECALL_KS, chance_map, retrieval_report
 from .models.fbnet import BRANCH_KEY, Fusion
 from .models.registry import build_model
@@ -28,12 +29,9 @@ def load_model(ckpt: dict):
     return cfg, model, vocab, Fusion(**ckpt["fusion"])
 
 
-def evaluate(ckpt_path: str | Path, split: str = "test", data: str | None = None,
-             out: str | Path | None = None, sims: dict | None = None) -> dict:
-    """Score ``split`` with the checkpoint and write ``metrics-<split>.json``, a PR-curve PNG and
-    ``scores-<split>.npz`` (the fused and the six per-branch-level similarity matrices, images x
-    captions). ``sims`` (per-key matrices the caller already has for this split) skips scoring."""
-    ckpt_path = Path(ckpt_path)
+def member_scores(ckpt_path: str | Path, split: str, data: str | None = None, sims: dict | None = None):
+    """One checkpoint on ``split``: ``(fused scores, per-key matrices, captions, report context)``.
+    ``sims`` (per-key matrices the caller already has for this split) skips scoring."""
     ckpt = load_checkpoint(ckpt_path)
     cfg, model, vocab, fusion = load_model(ckpt)
     dataset = load_dataset(data or ckpt["data_root"])
@@ -41,17 +39,36 @@ def evaluate(ckpt_path: str | Path, split: str = "test", data: str | None = None
     caps = Captions.from_items(items, vocab, cfg.data.max_words, dataset.has_labels)
     if sims is None:
         detector, encoder = frozen_from_checkpoint(cfg, ckpt)
-        feats = split_features(cfg, items, detector, encoder, feature_cache(cfg, ckpt_path.parent), split)
+        feats = split_features(cfg, items, detector, encoder, feature_cache(cfg, Path(ckpt_path).parent), split)
         sims = score_split(model, feats, caps, cfg.train.eval_chunk)
-    fused = model.fuse(sims, fusion)
+    return model.fuse(sims, fusion), sims, caps, {"fusion": vars(fusion), "model": cfg.model.name}
+
+
+def evaluate(source: str | Path, split: str = "test", data: str | None = None,
+             out: str | Path | None = None, sims: dict | None = None) -> dict:
+    """Score ``split`` with a checkpoint, or an ensemble file (:mod:`fbnet.ensemble`), and write
+    ``metrics-<split>.json``, a PR-curve PNG and ``scores-<split>.npz`` (the fused matrix, images x
+    captions, and the per-key matrices of a checkpoint or the members' fused ones of an ensemble).
+    ``sims`` (a checkpoint's per-key matrices for this split, already computed) skips scoring."""
+    source = Path(source)
+    if is_ensemble(source):
+        ensemble = load_ensemble(source)
+        data = data or member_checkpoints(ensemble)[0]["data_root"]
+        parts = [member_scores(m.checkpoint, split, data) for m in ensemble.members]
+        fused = combine([p[0] for p in parts], [m.weight for m in ensemble.members])
+        caps, context = parts[0][2], {"model": "ensemble", "members": [
+            {"checkpoint": str(m.checkpoint), "weight": m.weight, **p[3]} for m, p in zip(ensemble.members, parts)]}
+        matrices = {f"member{i}": p[0] for i, p in enumerate(parts)}
+    else:
+        fused, sims, caps, context = member_scores(source, split, data, sims)
+        matrices = {f"{BRANCH_KEY[b]}{u}": s for (b, u), s in sims.items()}
     report = retrieval_report(fused, caps.image, caps.image_labels, caps.labels)
-    report["split"], report["checkpoint"] = split, str(ckpt_path)
+    report["split"], report["checkpoint"] = split, str(source)
     report["chance_map"] = chance_map(caps.image, caps.image_labels, caps.labels)
-    report["fusion"], report["model"] = vars(fusion), cfg.model.name
-    out = Path(out) if out else ckpt_path.parent
+    report.update(context)
+    out = Path(out) if out else source.parent
     atomic_write_text(out / f"metrics-{split}.json", json.dumps(report, indent=1))
-    atomic_write(out / f"scores-{split}.npz", lambda fh: np.savez(
-        fh, fused=fused, caption_image=caps.image, **{f"{BRANCH_KEY[b]}{u}": s for (b, u), s in sims.items()}))
+    atomic_write(out / f"scores-{split}.npz", lambda fh: np.savez(fh, fused=fused, caption_image=caps.image, **matrices))
     plot_pr(report, out / f"pr-{split}.png")
     return report
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .config import LossConfig
+from .models.registry import LOSSES, resolve
 
 
 def dsaw_loss(sim: torch.Tensor, positive: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
@@ -59,4 +60,5 @@ def triplet_loss(sim: torch.Tensor, positive: torch.Tensor, cfg: LossConfig) -> 
 
 
 def pair_loss(cfg: LossConfig):
-    return {"dsaw": dsaw_loss, "triplet": triplet_loss}[cfg.name]
+    """The loss ``cfg.name`` names in :data:`fbnet.models.registry.LOSSES`."""
+    return resolve(LOSSES, cfg.name, "loss")

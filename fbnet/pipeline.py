@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import FBNetConfig
+from .config import ConfigError, FBNetConfig
 from .data.manifest import Item
 from .activations import ActivationFeatures, split_activations
 from .features import SplitFeatures, cache_key, extract_split, state_digest
@@ -33,7 +33,7 @@ def build_frozen(cfg: FBNetConfig, num_box_classes: int, detector_state=None, en
     trunk = None
     if m.backbone.name == "detector":
         if detector is None or not hasattr(detector.trunk, "stride"):
-            raise ValueError("backbone 'detector' needs model.detector.name: fasterrcnn_light")
+            raise ConfigError("model.backbone.name 'detector' needs model.detector.name: fasterrcnn_light")
         trunk = detector.trunk
     encoder = BlockEncoder(m.backbone, seed=cfg.train.seed, trunk=trunk)
     if encoder_state is not None:

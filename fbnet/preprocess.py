@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from .errors import FbnetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -19,7 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 40_000_000
 
 
-class ImageError(ValueError):
+class ImageError(FbnetError, ValueError):
     """An image is missing, unreadable or too small; the message names the file."""
 
 

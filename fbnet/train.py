@@ -12,7 +12,8 @@
    has no test split, as the shared Flickr8k has none).
 
 Everything a run writes goes under ``out``: ``detector.pt``, ``features/``, ``last.pt``,
-``best.pt``, ``log.jsonl``, ``metrics.json``, ``pr_curve.png``.
+``best.pt``, ``log.jsonl`` (and ``curves.png``, drawn from it after every epoch; with
+``train.tensorboard``, ``tensorboard/``), ``metrics-<split>.json``, ``pr-<split>.png``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import FBNetConfig
-from .data.embeddings import load_word_vectors
+from .curves import TensorBoard, plot_curves
+from .config import ConfigError, FBNetConfig
+from .data.embeddings import WordVectorError, load_word_vectors
 from .data.manifest import Dataset, DatasetError
 from .losses import pair_loss
 from .metrics import retrieval_report
@@ -68,7 +70,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         cfg.train.epochs = epochs
         echo(f"resuming {out} after epoch {state['epoch']} of {epochs}")
     elif last.exists():
-        raise FileExistsError(f"{out} already holds a run (last.pt); pass --resume or another --out")
+        raise CheckpointError(f"{out} already holds a run (last.pt); pass --resume or another --out")
     log_event(out, event="resume" if resume else "start", config=cfg.to_dict(), dataset=str(dataset.root))
     tc = cfg.train
     if tc.num_threads:
@@ -111,6 +113,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         groups.append({"params": top, "lr": tc.lr * tc.backbone_lr_scale})
     opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, start_epoch = [], -1.0, 0
+    board = TensorBoard(out) if tc.tensorboard else None
     if state is not None:
         model.load_state_dict(state["model"])
         encoder.load_state_dict(state["encoder"])
@@ -143,6 +146,8 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             idx = np.sort(order[step * tc.batch_size: (step + 1) * tc.batch_size])
             loss = train_step(model, opt, cfg, train_feats, train_caps, idx)
             total += loss
+            if board is not None:
+                board.step(epoch * steps + step, loss)
             bar.set_postfix(loss=f"{loss:.4f}",
                             pairs_s=f"{(step + 1) * tc.batch_size / (time.time() - t0):.0f}")
         val = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk)
@@ -151,6 +156,9 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
                   "val_rsum": val["instance"]["rsum"], "seconds": time.time() - t0}
         history.append(record)
         log_event(out, event="epoch", **record)
+        plot_curves(out / "log.jsonl", out / "curves.png")
+        if board is not None:
+            board.epoch(record)
         improved = val_map > best
         best = max(best, val_map)
         if not improved and tc.plateau_decay < 1.0:  # a plateau: smaller steps from here on
@@ -166,6 +174,8 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             save_checkpoint(out / "best.pt", payload)
         save_checkpoint(last, {**payload, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
 
+    if board is not None:
+        board.close()
     # 4. fusion weights on validation, then the test split
     if not choose_weights:
         return out / "best.pt", None
@@ -213,7 +223,7 @@ def training_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {name!r} but torch sees no CUDA GPU "
+        raise ConfigError(f"train.device is {name!r} but torch sees no CUDA GPU "
                            f"(torch {torch.__version__}); use train.device: cpu or auto")
     return torch.device(name)
 
@@ -235,7 +245,7 @@ def _frozen_stages(cfg, dataset, out, n_box_classes, echo):
                       and dc.name == "fasterrcnn_light")
     if needs_finetune:
         if not dataset.has_boxes:
-            raise ValueError(f"{dataset.root}: detector 'fasterrcnn_light' needs boxes to fine-tune on; "
+            raise DatasetError(f"{dataset.root}: detector 'fasterrcnn_light' needs boxes to fine-tune on; "
                              "give model.detector.weights or use detector 'none'")
         items = [it for it in dataset.split("train") if it.boxes]
         size = cfg.model.backbone.image_size
@@ -260,7 +270,7 @@ def _scale_boxes(item, size):
 def _init_word_vectors(model, vocab: Vocabulary, path: str, echo) -> None:
     vectors, dim = load_word_vectors(path, set(vocab.words))
     if dim != model.cfg.word_dim:
-        raise ValueError(f"{path}: vectors are {dim}-d but model.word_dim is {model.cfg.word_dim}")
+        raise WordVectorError(f"{path}: vectors are {dim}-d but model.word_dim is {model.cfg.word_dim}")
     hits = [i for i, w in enumerate(vocab.words) if w in vectors]
     for enc in model.text.values():
         with torch.no_grad():

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from ..errors import FbnetError
 
 
-class WordVectorError(ValueError):
+class WordVectorError(FbnetError, ValueError):
     """A word-vector file is missing or malformed; the message names the file and line."""
 
 

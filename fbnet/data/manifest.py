@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from ..errors import FbnetError
 from ..jsonfile import read_json
 from ..vocab import tokenize
 
@@ -31,7 +32,7 @@ SPLITS = ("train", "val", "test")
 FORMAT = "fbnet-dataset"
 
 
-class DatasetError(ValueError):
+class DatasetError(FbnetError, ValueError):
     """A dataset file is missing or malformed; the message names the file and line."""
 
 

@@ -29,12 +29,12 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from ..config import BackboneConfig
+from ..errors import FbnetError
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .registry import BACKBONES
 
-FEATURE_DIMS = {"alexnet": 4096, "mobilenet_v2": 1280, "resnet18": 512, "detector": 512}
 
-
-class WeightsError(ValueError):
+class WeightsError(FbnetError, ValueError):
     """Backbone or detector weights cannot be loaded; the message names the file."""
 
 
@@ -84,7 +84,7 @@ class BlockEncoder(nn.Module):
     def __init__(self, cfg: BackboneConfig, seed: int = 0, trunk: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.out_dim = FEATURE_DIMS[cfg.name]
+        self.out_dim = BACKBONES[cfg.name]
         if cfg.name == "detector":
             if trunk is None:
                 raise ValueError("backbone 'detector' needs the detector's trunk")

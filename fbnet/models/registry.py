@@ -1,4 +1,6 @@
-"""The models fbnet trains, exports and serves, by ``model.name``: adding one is a module and a line.
+"""The registries: the models fbnet trains, exports and serves (``model.name``), and the
+backbones, detectors and losses they are built with. Adding one is a module and a line here;
+:mod:`fbnet.config` accepts exactly these names, and the builders look them up here.
 
 Every model takes the same cached block features (B-Net and F-Net blocks of
 :mod:`fbnet.features`), the same captions, and gives the same interface: ``keys`` (the
@@ -22,11 +24,34 @@ MODELS = {
 }
 
 
+#: ``model.backbone.name`` -> the block feature size it gives (:mod:`fbnet.models.backbone`).
+BACKBONES = {"alexnet": 4096, "mobilenet_v2": 1280, "resnet18": 512, "detector": 512}
+
+#: ``model.detector.name`` -> ``module:builder`` (:mod:`fbnet.models.detector`); ``none`` = the
+#: whole image as the only box.
+DETECTORS = {
+    "fasterrcnn": "fbnet.models.detector:build_fasterrcnn",
+    "fasterrcnn_light": "fbnet.models.detector:build_fasterrcnn",
+    "yolov3_tiny": "fbnet.models.yolo:build_yolov3_tiny",
+    "none": None,
+}
+
+#: ``loss.name`` -> ``module:function`` (:mod:`fbnet.losses`).
+LOSSES = {"dsaw": "fbnet.losses:dsaw_loss", "triplet": "fbnet.losses:triplet_loss"}
+
+
+def resolve(registry: dict, name: str, what: str):
+    """The object ``registry[name]`` names (imported on use)."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r} (known: {', '.join(registry)})")
+    if registry[name] is None:
+        return None
+    module, attr = registry[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def model_class(name: str):
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
-    module, cls = MODELS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return resolve(MODELS, name, "model")
 
 
 def build_model(cfg, vocab_size: int, feature_dim: int):

@@ -1,0 +1,14 @@
+"""The one base class of every failure fbnet expects: bad input, a missing or damaged file, a
+setting that cannot work. Each message names the file (and line or key) at fault.
+
+Both command-line tools and the HTTP server catch :class:`FbnetError` and nothing narrower: the
+CLIs print its message as one line and exit with code 1, the server answers a JSON 4xx. Any other
+exception is a bug, and keeps its traceback.
+"""
+
+
+class FbnetError(Exception):
+    """An expected failure; ``str(error)`` is the one line shown to the user."""
+
+    #: the HTTP status the server answers it with
+    http_status = 400
