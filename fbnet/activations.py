@@ -13,14 +13,16 @@ Views: ``identity`` and ``hflip`` (the canvas mirrored; every window box mirrore
 block covers the same content). Training samples one view per image and step; evaluation reads
 ``identity``.
 
-A split's cache is a directory (``lower.npy``, ``blocks.npy``, ``mask.npy``, ``key``) written
-atomically. Its key hashes the frozen part's and the detector's weights (bytes, not a summary),
+A split's cache is a directory (``lower.npy``, ``blocks.npy``, ``mask.npy``, ``key``), filled in
+place batch by batch (an interrupted extraction resumes) and renamed into place when complete. Its key hashes the frozen part's and the detector's weights (bytes, not a summary),
 the settings that change the maps and the images, so a cache made with another backbone state is
 never reused: it is rebuilt.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_write_text
 from .data.manifest import Item
 from .features import cache_key, detect_blocks, split_branches, state_digest
 from .models.backbone import BlockEncoder
@@ -90,29 +92,41 @@ def extract_activations(items: list[Item], encoder: BlockEncoder, detector: Dete
                         image_size: int, levels: int, max_boxes: int, views: tuple[str, ...],
                         cache: Path, key: str, batch_size: int = 32,
                         desc: str = "activations") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(lower, blocks, mask)`` of ``items``, from ``cache`` when its key matches, else computed
-    (written straight into the cache's arrays, then committed atomically)."""
+    """``(lower, blocks, mask)`` of ``items``, from ``cache`` when its key matches, else computed.
+
+    Arrays are written in place into ``.<cache>.<key>.partial/`` with a ``done`` count committed
+    after every batch, so an interrupted extraction resumes where it stopped; the finished
+    directory replaces ``cache`` in one rename."""
     cache = Path(cache)
     if not ((cache / "key").is_file() and (cache / "key").read_text() == key):
+        partial = cache.with_name(f".{cache.name}.{key}.partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        done_file = partial / "done"
+        done = int(done_file.read_text()) if done_file.is_file() else 0
         probe = encoder.lower(torch.zeros(1, 3, image_size, image_size))
         n, v, nb = len(items), len(views), (1 + max_boxes) * blocks_upto(levels)
-        with atomic_dir(cache) as tmp:
-            open_array = lambda name, shape, dtype: np.lib.format.open_memmap(  # noqa: E731
-                tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-            lower = open_array("lower", (n, v, *probe.shape[1:]), np.float16)
-            blocks = open_array("blocks", (n, v, nb, 4), np.float32)
-            mask = open_array("mask", (n, max_boxes), np.bool_)
-            for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
-                sl = slice(start, min(start + batch_size, n))
-                canvases = torch.from_numpy(np.stack([load_image(it.image, image_size) for it in items[sl]]))
-                block_boxes, mask[sl], _ = detect_blocks(canvases, detector, levels, max_boxes)
-                for i, view in enumerate(views):
-                    lower[sl, i] = encoder.lower(view_canvases(canvases, view)).numpy().astype(np.float16)
-                    blocks[sl, i] = view_boxes(block_boxes, view, image_size).numpy()
-            for array in (lower, blocks, mask):
+        shapes = {"lower": ((n, v, *probe.shape[1:]), np.float16), "blocks": ((n, v, nb, 4), np.float32),
+                  "mask": ((n, max_boxes), np.bool_)}
+        arrays = {name: np.lib.format.open_memmap(partial / f"{name}.npy", mode="r+" if done else "w+",
+                                                  dtype=dtype, shape=shape) for name, (shape, dtype) in shapes.items()}
+        lower, blocks, mask = arrays["lower"], arrays["blocks"], arrays["mask"]
+        for start in tqdm(range(done, n, batch_size), desc=desc, unit="batch",
+                          total=len(range(0, n, batch_size)), initial=done // batch_size):
+            sl = slice(start, min(start + batch_size, n))
+            canvases = torch.from_numpy(np.stack([load_image(it.image, image_size) for it in items[sl]]))
+            block_boxes, mask[sl], _ = detect_blocks(canvases, detector, levels, max_boxes)
+            for i, view in enumerate(views):
+                lower[sl, i] = encoder.lower(view_canvases(canvases, view)).numpy().astype(np.float16)
+                blocks[sl, i] = view_boxes(block_boxes, view, image_size).numpy()
+            for array in arrays.values():
                 array.flush()
-            del lower, blocks, mask
+            atomic_write_text(done_file, str(sl.stop))
+        del lower, blocks, mask, arrays
+        with atomic_dir(cache) as tmp:
+            for name in FILES:
+                os.replace(partial / f"{name}.npy", tmp / f"{name}.npy")
             (tmp / "key").write_text(key)
+        shutil.rmtree(partial, ignore_errors=True)
     load = lambda name: np.load(cache / f"{name}.npy", mmap_mode="r")  # noqa: E731
     return tuple(load(name) for name in FILES)
 

@@ -116,3 +116,25 @@ def test_bad_finetune_settings_are_refused(bad):
 
     with pytest.raises(ConfigError):
         FBNetConfig.from_dict(bad).validate()
+
+
+def test_an_interrupted_extraction_resumes(tmp_path):
+    """A failure mid-way keeps the finished batches; the next call continues from them and gives
+    what one uninterrupted extraction gives."""
+    from fbnet.preprocess import ImageError
+
+    items = _images(tmp_path, n=6)
+    good = items[4].image.read_bytes()
+    items[4].image.write_bytes(b"not an image")
+    enc = _encoder()
+    args = dict(image_size=96, levels=1, max_boxes=1, views=("identity",), key="k", batch_size=2)
+    with pytest.raises(ImageError):
+        extract_activations(items, enc, None, cache=tmp_path / "cache", **args)
+    partial = tmp_path / ".cache.k.partial"
+    assert (partial / "done").read_text() == "4" and not (tmp_path / "cache").exists()
+    items[4].image.write_bytes(good)
+    resumed = extract_activations(items, enc, None, cache=tmp_path / "cache", **args)
+    fresh = extract_activations(items, enc, None, cache=tmp_path / "fresh", **args)
+    assert not partial.exists()
+    for a, b in zip(resumed, fresh):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
