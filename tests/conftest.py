@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads, or OMP_NUM_THREADS where it is set (one thread runs best beside other jobs)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
