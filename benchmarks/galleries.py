@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fbnet.runtime.gallery import Gallery, gallery_meta
-from fbnet.runtime.retriever import ImageFeatures, TextFeatures
+from fbnet.runtime.engine.features import ImageFeatures, TextFeatures
+from fbnet.runtime.gallery.build import gallery_meta
+from fbnet.runtime.gallery.gallery import Gallery
 
 
 def key_shapes(bundle) -> dict[str, tuple[int, int]]:

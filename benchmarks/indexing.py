@@ -15,11 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
-from fbnet.runtime.backends import OnnxRuntimeBackend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.gallery import build_gallery
-from fbnet.runtime.ray_index import index_on_ray
-from fbnet.runtime.retriever import Retriever
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
+from fbnet.runtime.gallery.build import build_gallery
+from fbnet.runtime.gallery.ray_index import index_on_ray
 
 from common import ROOT, machine, write_section
 

@@ -22,10 +22,10 @@ from fbnet.checkpoint import load_checkpoint
 from fbnet.data.manifest import load_dataset
 from fbnet.parity import run_parity
 from fbnet.preprocess import load_image
-from fbnet.runtime.backends import select_backend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.retriever import Retriever
-from fbnet.runtime.service import ImageQuery, SearchService
+from fbnet.runtime.engine.backends import select_backend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
+from fbnet.runtime.serving.service import ImageQuery, SearchService
 
 from common import ROOT, machine, timeit, write_section
 from galleries import synthetic_gallery

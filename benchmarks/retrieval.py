@@ -49,12 +49,13 @@ from fbnet.export.bundle import export_bundle
 from fbnet.export.graphs import ScorerGraph
 from fbnet.metrics import RECALL_KS, recall_at_k
 from fbnet.models.attention import EPS, l2norm
-from fbnet.runtime.backends import OnnxRuntimeBackend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.gallery import Gallery, build_gallery, code_features
-from fbnet.runtime.retriever import Retriever, pair_chunks
-from fbnet.runtime.search import Searcher
-from fbnet.runtime.stores import STORES
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever, pair_chunks
+from fbnet.runtime.gallery.build import build_gallery, code_features
+from fbnet.runtime.gallery.gallery import Gallery
+from fbnet.runtime.gallery.stores import STORES
+from fbnet.runtime.search.searcher import Searcher
 
 from common import ROOT, machine, timeit, wait_http, write_section
 from galleries import key_shapes, synthetic, synthetic_gallery
@@ -198,7 +199,8 @@ def calls_section(bundle, retriever, work: Path, repeats: int, shortlist: int) -
     is the number of padded box slots one call's fixed cost is worth (``SCORER_CALL_COST``); then
     the two-stage re-rank (``shortlist`` gallery rows x 1 caption) with one call per box count,
     with groups merged at that cost, and as one call padded to the largest count."""
-    from fbnet.runtime.retriever import SCORER_CALL_COST, as_float32
+    from fbnet.runtime.engine.features import as_float32
+    from fbnet.runtime.engine.retriever import SCORER_CALL_COST
 
     gallery = synthetic_gallery(bundle, 10_000, work)
     text = retriever.encode_texts(["a black dog is running through the grass"])

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.first_stage import INDEX_FILE, FirstStage, choose_spec
-from fbnet.runtime.gallery import gallery_meta
-from fbnet.runtime.stores import write_coded
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.gallery.build import gallery_meta
+from fbnet.runtime.gallery.first_stage import FirstStage, INDEX_FILE, choose_spec
+from fbnet.runtime.gallery.stores import write_coded
 
 from common import ROOT, machine, write_section
 from galleries import box_mask, key_shapes

@@ -29,7 +29,7 @@ from fbnet.evaluate import load_model
 from fbnet.models.detector import detect
 from fbnet.pipeline import frozen_from_checkpoint
 from fbnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image
-from fbnet.runtime.bundle import sha256
+from fbnet.runtime.engine.bundle import sha256
 from fbnet.windows import image_block_boxes
 
 from .graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph, graph_io, key_name

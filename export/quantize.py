@@ -31,9 +31,9 @@ import numpy as np
 
 from fbnet.atomic import atomic_write_text
 from fbnet.preprocess import load_image
-from fbnet.runtime.backends import OnnxRuntimeBackend
-from fbnet.runtime.bundle import open_bundle, sha256
-from fbnet.runtime.retriever import Retriever
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle, sha256
+from fbnet.runtime.engine.retriever import Retriever
 
 from .ort_optimize import save_optimized
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fbnet.runtime.engine_tags import engine_name, gpu_compute_capability
+from fbnet.runtime.engine.engine_tags import engine_name, gpu_compute_capability
 
 #: min / opt / max extents for each named dynamic axis; the box axes come from the bundle's J
 #: (:func:`box_profile`).

@@ -18,8 +18,8 @@ manifest). A graph whose inputs and outputs all lead with the same dynamic axis 
 ``reshape { shape: [] }``. Instances are ``KIND_AUTO`` (GPU where there is one), and the ONNX
 Runtime models ask for the TensorRT execution accelerator in FP16 on GPU instances.
 
-The search models run :class:`fbnet.runtime.service.SearchService`, the built-in server's code,
-with a backend whose ``run`` is a BLS call to the models above (:mod:`fbnet.runtime.triton`);
+The search models run :class:`fbnet.runtime.serving.service.SearchService`, the built-in server's code,
+with a backend whose ``run`` is a BLS call to the models above (:mod:`fbnet.runtime.serving.triton`);
 their ``parameters`` name the bundle and gallery directories as Triton's host sees them.
 """
 
@@ -29,13 +29,13 @@ import shutil
 from pathlib import Path
 
 from fbnet.atomic import atomic_dir
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.triton import GRAPH_MODEL, SEARCH_INPUTS, SEARCH_OUTPUTS, batch_axis
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.serving.triton import GRAPH_MODEL, SEARCH_INPUTS, SEARCH_OUTPUTS, batch_axis
 
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
          "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "object": "TYPE_STRING", "bytes": "TYPE_STRING"}
-MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fbnet.runtime.triton)."""\n' \
-           "from fbnet.runtime.triton import TritonPythonModel  # noqa: F401\n"
+MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fbnet.runtime.serving.triton)."""\n' \
+           "from fbnet.runtime.serving.triton import TritonPythonModel  # noqa: F401\n"
 
 
 class TritonExportError(ValueError):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fbnet.runtime.first_stage import DEFAULT_NPROBE, FirstStage, FirstStageError, choose_spec
+from fbnet.runtime.gallery.first_stage import DEFAULT_NPROBE, FirstStage, FirstStageError, choose_spec
 
 
 def unit_vectors(n, d, seed=0):
@@ -51,11 +51,12 @@ def test_bad_index_files_are_named(tmp_path):
 def test_gallery_with_an_ivf_first_stage(bundle, gallery_inputs, tmp_path):
     """`index --first-stage ivf` saves the index; two-stage search through it equals exact
     two-stage search when nprobe covers every list."""
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, build_gallery, list_images, read_captions
-    from fbnet.runtime.retriever import Retriever
-    from fbnet.runtime.search import Searcher
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.gallery import Gallery
+    from fbnet.runtime.search.searcher import Searcher
 
     b = open_bundle(bundle)
     r = Retriever(b, OnnxRuntimeBackend(b))

@@ -52,9 +52,10 @@ def test_scorer_box_axis_is_dynamic_and_grouping_is_exact(bundle):
     slots, and Retriever.score (grouped by box count) equals one padded call per image."""
     import onnxruntime as ort
 
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.retriever import ImageFeatures, Retriever, TextFeatures
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.features import ImageFeatures, TextFeatures
+    from fbnet.runtime.engine.retriever import Retriever
 
     b = open_bundle(bundle)
     r = Retriever(b, OnnxRuntimeBackend(b))
@@ -97,7 +98,7 @@ def test_scorer_box_axis_is_dynamic_and_grouping_is_exact(bundle):
 def test_saved_ort_optimisations_are_used_and_match(bundle):
     import onnxruntime as ort
 
-    from fbnet.runtime.backends import optimized_file
+    from fbnet.runtime.engine.backends import optimized_file
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     for name, spec in manifest["graphs"].items():
@@ -171,10 +172,11 @@ def test_bad_inputs_give_one_clear_error(bundle, gallery_inputs, tmp_path):
 
 
 def test_index_resumes_after_an_interruption(bundle, gallery_inputs, tmp_path):
-    from fbnet.runtime.backends import select_backend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, build_gallery, list_images
-    from fbnet.runtime.retriever import Retriever
+    from fbnet.runtime.engine.backends import select_backend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images
+    from fbnet.runtime.gallery.gallery import Gallery
 
     b = open_bundle(bundle)
     retriever = Retriever(b, select_backend(b, "onnxruntime"))

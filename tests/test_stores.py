@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fbnet.runtime.stores import CODED, CodedBlocks, StoreError, write_coded
+from fbnet.runtime.gallery.stores import CODED, CodedBlocks, StoreError, write_coded
 
 # largest allowed mean |decoded - original| / |original| of unit vectors (d = 64), per store
 BOUNDS = {"sq8": 0.02, "sq4": 0.15, "residual4": 0.15, "pq": 0.75}
@@ -57,11 +57,12 @@ def test_damaged_store_files_are_named(tmp_path):
 def test_search_through_a_coded_gallery(bundle, gallery_inputs, tmp_path):
     """An sq8 gallery ranks as the float32 one does (top hits), stores fewer bytes, and keeps the
     first stage's vectors plain."""
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, GalleryError, build_gallery, list_images, read_captions
-    from fbnet.runtime.retriever import Retriever
-    from fbnet.runtime.search import Searcher
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.gallery import Gallery, GalleryError
+    from fbnet.runtime.search.searcher import Searcher
 
     b = open_bundle(bundle)
     r = Retriever(b, OnnxRuntimeBackend(b))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.service import SearchService, TextQuery
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.serving.service import SearchService, TextQuery
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_repository_configs_name_the_graphs_real_inputs_and_outputs(repository, 
 
 def test_triton_requests_carry_shortlist_and_nprobe():
     """Optional INT32 inputs, -1 meaning the server's (or the IVF index's) default."""
-    from fbnet.runtime.triton import parse_rows
+    from fbnet.runtime.serving.triton import parse_rows
 
     rows = parse_rows("text", {"text": np.array([[b"a dog"], [b"a cat"], [b"a bird"]], dtype=np.object_),
                                "shortlist": np.array([[-1], [0], [50]], dtype=np.int32),
@@ -107,7 +107,7 @@ def free_ports(n):
 
 @pytest.fixture(scope="module")
 def pytriton_python():
-    from fbnet.runtime.triton_env import TritonEnvError, build
+    from fbnet.runtime.serving.triton_env import TritonEnvError, build
 
     try:
         return build()
@@ -157,7 +157,7 @@ def test_live_triton_answers_as_the_builtin_server(served, gallery_inputs, pytri
         image = sorted((gallery_inputs / "images").iterdir())[1]
         got = ask("image", image.read_bytes(), 3, 0)
         from fbnet.preprocess import load_image
-        from fbnet.runtime.service import ImageQuery
+        from fbnet.runtime.serving.service import ImageQuery
 
         want = builtin.search_images([ImageQuery(load_image(image, retriever.bundle.canvas), 3, 0)])[0]
         assert [h["caption"] for h in got["hits"]] == [h["caption"] for h in want["hits"]]

@@ -23,12 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fbnet.atomic import atomic_write_text
 from fbnet.jsonfile import read_json
 
-from .bundle import Bundle
+from ..engine.bundle import Bundle
+from ..engine.features import ImageFeatures, TextFeatures
+from .build import build_gallery, gallery_meta
 from .first_stage import FirstStage
+from .gallery import Gallery, GalleryError
 from .items import list_index
-from .retriever import ImageFeatures, TextFeatures
 from .stores import LazyRows
 
 SHARDS_KIND = "fbnet-gallery-shards"
@@ -104,11 +107,9 @@ class ConcatList:
 
 
 class ShardedGallery:
-    """The :class:`~fbnet.runtime.gallery.Gallery` interface over the shards listed in ``shards.json``."""
+    """The :class:`~fbnet.runtime.gallery.gallery.Gallery` interface over the shards listed in ``shards.json``."""
 
     def __init__(self, root: str | Path, bundle: Bundle):
-        from .gallery import Gallery, GalleryError
-
         root = Path(root)
         path = root / SHARDS_FILE
         meta = read_json(path, GalleryError)
@@ -163,8 +164,6 @@ class ShardJob:
 def plan_shards(bundle: Bundle, images: list, captions: list[str], out: str | Path, shard_size: int) -> list[ShardJob]:
     """The shards of ``out`` for these items; a shard whose gallery holds exactly its items (and
     this bundle's fingerprint) is done, so a resumed job skips it."""
-    from .gallery import gallery_meta
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -178,8 +177,6 @@ def plan_shards(bundle: Bundle, images: list, captions: list[str], out: str | Pa
 
 def finish_shards(bundle: Bundle, out: str | Path, jobs: list[ShardJob], shard_size: int) -> Path:
     """Write ``shards.json`` once every shard is built (the last step of an index job)."""
-    from fbnet.atomic import atomic_write_text
-
     out = Path(out)
     missing = [str(j.path) for j in jobs if not (j.path / "gallery.json").is_file()]
     if missing:
@@ -193,14 +190,17 @@ def finish_shards(bundle: Bundle, out: str | Path, jobs: list[ShardJob], shard_s
 def build_sharded(retriever, images: list, captions: list[str], out: str | Path, shard_size: int, **options) -> Path:
     """Index ``images`` and ``captions`` into shards of ``shard_size`` images and captions each, in
     this process (:func:`~fbnet.runtime.gallery.build_gallery` per shard; finished shards are kept
-    on resume). :func:`fbnet.runtime.ray_index.index_on_ray` builds the same shards on a Ray cluster."""
-    from .gallery import build_gallery
-
+    on resume). :func:`fbnet.runtime.gallery.ray_index.index_on_ray` builds the same shards on a Ray cluster."""
     jobs = plan_shards(retriever.bundle, images, captions, out, shard_size)
     for job in jobs:
         if not job.done:
             build_gallery(retriever, job.images, job.captions, job.path, **options)
     return finish_shards(retriever.bundle, out, jobs, shard_size)
+
+
+def open_gallery(root: str | Path, bundle: Bundle) -> Gallery | ShardedGallery:
+    """A gallery directory, sharded (``shards.json``) or not."""
+    return ShardedGallery(root, bundle) if (Path(root) / SHARDS_FILE).is_file() else Gallery(root, bundle)
 
 
 def _same_items(meta: dict, want: dict) -> bool:

@@ -1,19 +1,8 @@
-"""On-disk galleries: images and captions encoded once, memory-mapped at query time.
-
-::
-
-    GALLERY/
-      gallery.json                 bundle fingerprint, dtype, store, counts
-      items/images.jsonl           image paths, one JSON string a line (+ images.offsets.npy)
-      items/captions.jsonl         captions likewise (read on demand: fbnet.runtime.items)
-      images/<key>.npy             (N_images, K, d) block embeddings per key (B1 ... F3)
-      images/fg_mask.npy           (N_images, J)
-      texts/<key>.npy              (N_captions, u**2, d) window embeddings per key (word keys: max_words)
-      images/first_stage.faiss     large galleries: the first-stage IVF index (texts/ likewise)
+"""Building a gallery (``fbnet-serve-cli index``): images and captions encoded once, in parts.
 
 Indexing works in parts under ``GALLERY.partial/`` (each part written atomically), so an
-interrupted ``index`` resumes where it stopped; the finished gallery is renamed into place.
-A gallery remembers its bundle's fingerprint and is refused by any other bundle.
+interrupted ``index`` resumes where it stopped; the finished gallery (the layout in
+:mod:`fbnet.runtime.gallery.gallery`) is renamed into place.
 """
 
 from __future__ import annotations
@@ -28,22 +17,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fbnet.atomic import atomic_write, atomic_write_text
-from fbnet.jsonfile import read_json
 
-from .bundle import Bundle
-from .first_stage import INDEX_FILE, FirstStage, choose_spec
-from .items import ItemList, ItemsError, write_items
-from .retriever import ImageFeatures, QueryError, Retriever, TextFeatures, concat_images, real_units
-from .search import level1_key, pooled_images, pooled_texts
-from .stores import CODED, CodedBlocks, StoreError, write_coded
-
-GALLERY_KIND = "fbnet-gallery"
-#: Where a gallery keeps its item names (image paths, captions): line files, read on demand.
-ITEMS_DIR = "items"
-
-
-class GalleryError(ValueError):
-    """A gallery is missing, incomplete or made with another bundle."""
+from ..engine.bundle import Bundle
+from ..engine.features import ImageFeatures, concat_images, real_units
+from ..engine.retriever import QueryError, Retriever
+from .first_stage import FirstStage, INDEX_FILE, choose_spec, level1_key, pooled_images, pooled_texts
+from .gallery import GALLERY_KIND, GalleryError, ITEMS_DIR, load_features
+from .items import write_items
+from .stores import CODED, write_coded
 
 
 def read_captions(path: str | Path) -> list[str]:
@@ -87,7 +68,7 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
                   memory_budget: int | None = None, store: str | None = None) -> Path:
     """Encode ``images`` and ``captions`` into the gallery ``out`` (resumable). ``first_stage``
     (``auto``, ``flat``, ``ivf``, ``hnsw``) and ``memory_budget`` (bytes for each side's first-stage
-    vectors) choose the first-stage index (:func:`fbnet.runtime.first_stage.choose_spec`); any
+    vectors) choose the first-stage index (:func:`fbnet.runtime.gallery.first_stage.choose_spec`); any
     but ``Flat`` is built here and saved with the gallery."""
     out = Path(out)
     work = out.with_name(out.name + ".partial")
@@ -126,7 +107,7 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
             np.save(final / "texts" / f"{k}.npy", texts[k])
     stages = {}
     for side, pool in (("images", pooled_images), ("texts", pooled_texts)):
-        g = _load_features(final, side, retriever.keys)
+        g = load_features(final, side, retriever.keys)
         if g is None:
             continue
         vectors = pool(g)
@@ -135,7 +116,7 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
             FirstStage(vectors, spec=spec).save(final / side / INDEX_FILE)
         stages[side] = spec
     coded = code_features(final, retriever.keys, store, retriever.word_keys) if store in CODED else {}
-    for side in ("images", "captions"):  # item names as line files, read on demand (see fbnet.runtime.items)
+    for side in ("images", "captions"):  # item names as line files, read on demand (see fbnet.runtime.gallery.items)
         write_items(final / ITEMS_DIR, side, meta.pop(side))
     atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images), "n_captions": len(captions),
                                                          "items": ITEMS_DIR, "first_stage": stages, "coded": coded},
@@ -147,49 +128,12 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
     return out
 
 
-class Gallery:
-    def __init__(self, root: str | Path, bundle: Bundle):
-        root = Path(root)
-        meta_path = root / "gallery.json"
-        if not meta_path.is_file():
-            partial = root.with_name(root.name + ".partial")
-            hint = f"; an interrupted index is in {partial}, run index again to resume" if partial.exists() else ""
-            raise GalleryError(f"{meta_path}: missing; is {root} a gallery made by `fbnet-serve-cli index`?{hint}")
-        meta = read_json(meta_path, GalleryError)
-        if meta.get("bundle") != bundle.fingerprint:
-            raise GalleryError(f"{root}: made with another bundle (its fingerprint differs from "
-                               f"{bundle.root / 'manifest.json'}); re-run `fbnet-serve-cli index` with this bundle")
-        self.root, self.meta = root, meta
-        try:
-            self.images, self.captions = (
-                ItemList(root / meta["items"], side, meta[f"n_{side}"]) if "items" in meta else meta[side]
-                for side in ("images", "captions"))  # galleries before line files list them in gallery.json
-        except ItemsError as exc:
-            raise GalleryError(str(exc)) from None
-        keys = meta["keys"]
-        coded = meta.get("coded", {})
-        try:
-            self.image_features = _load_features(root, "images", keys, coded) if self.images else None
-            self.text_features = _load_features(root, "texts", keys, coded) if self.captions else None
-        except StoreError as exc:
-            raise GalleryError(str(exc)) from None
-
-    def first_stage(self, side: str) -> FirstStage | None:
-        """The first-stage index saved for ``side`` (``images`` or ``texts``), or None when the
-        side is searched exactly (the searcher then builds a flat index itself)."""
-        spec = self.meta.get("first_stage", {}).get(side, "Flat")
-        if spec == "Flat":
-            return None
-        count = len(self.images if side == "images" else self.captions)
-        return FirstStage.load(self.root / side / INDEX_FILE, count, spec)
-
-
 def code_features(root: Path, keys: list[str], store: str, word_keys=()) -> dict:
     """Replace every key's array in the gallery directory ``root`` but the first stage's by FAISS
     codes of its real rows; return gallery.json's ``coded`` record."""
     coded = {}
     for side in ("images", "texts"):
-        feats = _load_features(root, side, keys)
+        feats = load_features(root, side, keys)
         if feats is None:
             continue
         coded[side] = {}
@@ -212,25 +156,3 @@ def code_features(root: Path, keys: list[str], store: str, word_keys=()) -> dict
             del arr, arrays[key]
             path.unlink()
     return coded
-
-
-def _load_features(root: Path, side: str, keys: list[str], coded: dict | None = None):
-    """A side's arrays, memory-mapped, or decoded on demand for a coded store (None when the side
-    is empty)."""
-    coded = (coded or {}).get(side, {})
-    load = lambda k: CodedBlocks(root / side, k, coded[k]["shape"]) if k in coded else \
-        np.load(root / side / f"{k}.npy", mmap_mode="r")  # noqa: E731
-    if side == "images":
-        if not (root / "images" / "fg_mask.npy").is_file():
-            return None
-        return ImageFeatures({k: load(k) for k in keys}, np.load(root / "images" / "fg_mask.npy", mmap_mode="r"))
-    if not coded and not (root / "texts" / f"{keys[0]}.npy").is_file():
-        return None
-    return TextFeatures({k: load(k) for k in keys})
-
-
-def open_gallery(root: str | Path, bundle: Bundle):
-    """A gallery directory, sharded (``shards.json``) or not."""
-    from .shards import SHARDS_FILE, ShardedGallery
-
-    return ShardedGallery(root, bundle) if (Path(root) / SHARDS_FILE).is_file() else Gallery(root, bundle)

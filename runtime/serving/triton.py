@@ -26,9 +26,9 @@ import sysconfig
 
 import numpy as np
 
-from fbnet.preprocess import MAX_PIXELS, ImageError, load_image
+from fbnet.preprocess import ImageError, MAX_PIXELS, load_image
 
-from .retriever import QueryError
+from ..engine.retriever import QueryError
 from .service import ImageQuery, SearchService, TextQuery
 
 GRAPH_MODEL = "fbnet_{graph}"
@@ -126,9 +126,9 @@ class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415  (only inside Triton)
 
-        from .bundle import open_bundle
-        from .gallery import open_gallery
-        from .retriever import Retriever
+        from ..engine.bundle import open_bundle
+        from ..engine.retriever import Retriever
+        from ..gallery.shards import open_gallery
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
