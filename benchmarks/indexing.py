@@ -50,7 +50,7 @@ def main() -> None:
     lines = ["## Indexing on Ray", "",
              f"`python benchmarks/indexing.py` on {machine()}: {len(images)} Flickr8k dev photos (detector, "
              f"image encoder, float32 store), shards of {args.shard_size}, bundle `{args.bundle.name}` "
-             f"(d = {bundle.model['embed_dim']}).", "",
+             f"(d = {bundle.model.embed_dim}).", "",
              "| indexer | seconds | images/s | vs single process |", "| --- | ---: | ---: | ---: |"]
     for label, secs in rows:
         lines.append(f"| {label} | {secs:.1f} | {len(images) / secs:.1f} | {base / secs:.2f}x |")

@@ -82,7 +82,7 @@ def main() -> None:
     par = {name: run_parity(ckpt_path, d, split, "onnxruntime") for name, d in
            (("float32", float_dir), ("int8", int8_dir))}
     print(f"measured in {time.time() - t0:.0f} s")
-    manifest = open_bundle(int8_dir).manifest["quantization"]
+    manifest = open_bundle(int8_dir).manifest.quantization
     lines = ["## INT8 graphs", "",
              f"`python benchmarks/int8.py --run {args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run}"
              f" --int8-graphs {args.int8_graphs}` ({time.strftime('%Y-%m-%d')}; {machine()}). The run's "

@@ -51,6 +51,7 @@ from fbnet.metrics import RECALL_KS, recall_at_k
 from fbnet.models.attention import EPS, l2norm
 from fbnet.runtime.engine.backends import OnnxRuntimeBackend
 from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.manifest import GalleryMeta
 from fbnet.runtime.engine.retriever import Retriever, pair_chunks
 from fbnet.runtime.gallery.build import build_gallery, code_features
 from fbnet.runtime.gallery.gallery import Gallery
@@ -100,7 +101,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def scorer_section(bundle, model, fusion, retriever, repeats: int) -> str:
-    shapes, d, j = key_shapes(bundle), bundle.model["embed_dim"], bundle.model["max_boxes"]
+    shapes, d, j = key_shapes(bundle), bundle.model.embed_dim, bundle.model.max_boxes
     images, texts = synthetic(bundle, 10_000, 200)
     first = images.take(slice(0, 1000))
     mean_boxes = float(first.fg_mask.sum(axis=1).mean())
@@ -251,7 +252,7 @@ def calls_section(bundle, retriever, work: Path, repeats: int, shortlist: int) -
 # -- warm latency ---------------------------------------------------------------------------------
 def int8_label(bundle) -> str:
     """Which graphs of ``bundle`` are INT8 and how they were calibrated ("" for a float bundle)."""
-    q = bundle.manifest.get("quantization")
+    q = bundle.manifest.quantization
     if not q:
         return ""
     graphs = " and ".join(g.replace("_", " ") for g in q["graphs"])
@@ -405,7 +406,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
     g32 = work / "dev-float32"
     if not (g32 / "gallery.json").is_file():
         build_gallery(retriever, images, captions, g32)
-    d, j = bundle.model["embed_dim"], bundle.model["max_boxes"]
+    d, j = bundle.model.embed_dim, bundle.model.max_boxes
     lines = [
         "## Gallery storage: plain and coded stores",
         "",
@@ -425,15 +426,16 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
             final, root = root, work / f"dev-{store}.partial"  # made aside, renamed when complete
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(g32, root)
-            meta = json.loads((root / "gallery.json").read_text())
+            meta = GalleryMeta.load(root / GalleryMeta.FILE)
             if store == "float16":
                 for f in list((root / "images").glob("*.npy")) + list((root / "texts").glob("*.npy")):
                     if f.name != "fg_mask.npy":
                         np.save(f, np.load(f).astype(np.float16))
-                meta["dtype"] = "float16"
+                meta.dtype = "float16"
             else:
-                meta["coded"] = code_features(root, bundle.keys, store)
-            (root / "gallery.json").write_text(json.dumps({**meta, "store": store}))
+                meta.coded = code_features(root, bundle.keys, store)
+            meta.store = store
+            meta.save(root / GalleryMeta.FILE)
             root = root.rename(final)
         size = lambda side: sum(f.stat().st_size for f in (root / side).iterdir())  # noqa: E731
         r = runtime_recall(retriever, Gallery(root, bundle), owner, shortlist)
@@ -445,7 +447,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
     met = []
     for int8_dir in int8_dirs:  # the same dev gallery, its images encoded by the INT8 graphs
         int8 = open_bundle(int8_dir)
-        q = int8.manifest["quantization"]
+        q = int8.manifest.quantization
         r8 = Retriever(int8, OnnxRuntimeBackend(int8))
         root = work / f"dev-int8-{'+'.join(q['graphs'])}-{q['calibration']['method']}"
         if not (root / "gallery.json").is_file():

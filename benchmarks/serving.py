@@ -247,7 +247,7 @@ def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bu
              f"`python benchmarks/serving.py` ({time.strftime('%Y-%m-%d')}; {machine()}). One run; each cell "
              f"is {seconds:g} s of back-to-back requests per client on keep-alive connections, load generator "
              f"(asyncio, one process) on the same 2 cores. Gallery: {items:,} images and {items:,} captions of "
-             f"the default model's shapes (d = {bundle.model['embed_dim']}, J = {bundle.model['max_boxes']}, "
+             f"the default model's shapes (d = {bundle.model.embed_dim}, J = {bundle.model.max_boxes}, "
              "float32), two-stage search, top 5 of a shortlist of 100, ONNX Runtime on the CPU. Built-in "
              "server: `fbnet-serve-cli serve` (uvicorn + Starlette, one micro-batching worker, max batch 64, "
              "max wait 0, a batch's re-ranks on one one-thread session per core). Triton: `fbnet-serve-cli "

@@ -55,7 +55,7 @@ def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto
     args = (caps.image, caps.image_labels, caps.labels)
     ref, got = retrieval_report(torch_scores, *args), retrieval_report(runtime_scores, *args)
     primary = ref["primary"]
-    quantized = bundle.manifest.get("quantization")
+    quantized = bundle.manifest.quantization
     precision = "int8" if quantized else "float16" if retriever.backend.half else "float32"
     result = {
         "split": split, "images": len(items), "captions": len(captions),

@@ -25,7 +25,7 @@ import warnings
 
 import click
 
-from fbnet.preprocess import ImageError, MAX_PIXELS
+from fbnet.preprocess import MAX_PIXELS, ImageError
 
 from .engine.backends import BACKENDS, BackendUnavailable, select_backend
 from .engine.bundle import BundleError, open_bundle

@@ -63,7 +63,7 @@ def test_gallery_with_an_ivf_first_stage(bundle, gallery_inputs, tmp_path):
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
     build_gallery(r, images, captions, tmp_path / "g", first_stage="ivf")
     g = Gallery(tmp_path / "g", b)
-    assert (tmp_path / "g" / "images" / "first_stage.faiss").is_file() and g.meta["first_stage"]["images"].startswith("IVF")
+    assert (tmp_path / "g" / "images" / "first_stage.faiss").is_file() and g.meta.first_stage["images"].startswith("IVF")
     ivf = Searcher(r, g.image_features, g.text_features, 5, image_stage=g.first_stage("images"),
                    text_stage=g.first_stage("texts"))
     exact = Searcher(r, g.image_features, g.text_features, 5)

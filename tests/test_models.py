@@ -277,7 +277,7 @@ def test_related_model_exports_passes_parity_searches_and_serves(related, galler
     assert res.exit_code == 0 and "PASS" in res.output, res.output
     assert json.loads((tmp_path / "p.json").read_text())["max_score_diff"] < 1e-3
     b = open_bundle(root / "bundle")
-    assert b.model["name"] == name
+    assert b.model.name == name
     retriever = Retriever(b, select_backend(b, "onnxruntime"))
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
     for store in ("float32", "sq8"):  # a coded store keeps only real words and regions

@@ -69,7 +69,7 @@ def test_search_through_a_coded_gallery(bundle, gallery_inputs, tmp_path):
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
     plain = Gallery(build_gallery(r, images, captions, tmp_path / "plain"), b)
     coded = Gallery(build_gallery(r, images, captions, tmp_path / "sq8", store="sq8"), b)
-    assert coded.meta["store"] == "sq8" and not (tmp_path / "sq8" / "images" / "F3.npy").exists()
+    assert coded.meta.store == "sq8" and not (tmp_path / "sq8" / "images" / "F3.npy").exists()
     assert np.load(tmp_path / "sq8" / "images" / "B1.npy").dtype == np.float16
     size = lambda root: sum(p.stat().st_size for p in (root / "images").iterdir())  # noqa: E731
     assert size(tmp_path / "sq8") < size(tmp_path / "plain") / 3
@@ -80,7 +80,7 @@ def test_search_through_a_coded_gallery(bundle, gallery_inputs, tmp_path):
         assert [h.index[0] for h in a] == [h.index[0] for h in c]
         np.testing.assert_allclose([h.score[0] for h in a], [h.score[0] for h in c], atol=0.02)
     meta = json.loads((tmp_path / "sq8" / "gallery.json").read_text())
-    assert meta["coded"]["images"]["F3"]["bytes_per_vector"] == b.model["embed_dim"]
+    assert meta["coded"]["images"]["F3"]["bytes_per_vector"] == b.model.embed_dim
     (tmp_path / "sq8" / "texts" / "F2.codec.faiss").write_bytes(b"\x00" * 10)
     with pytest.raises(GalleryError, match="F2.codec.faiss: corrupt codebook"):
         Gallery(tmp_path / "sq8", b)

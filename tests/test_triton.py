@@ -42,21 +42,21 @@ def test_repository_configs_name_the_graphs_real_inputs_and_outputs(repository, 
 
     bundle = open_bundle(served[0].bundle.root)
     types = {"float32": pb.TYPE_FP32, "int64": pb.TYPE_INT64}
-    graphs = bundle.manifest["graphs"]
+    graphs = bundle.manifest.graphs
     assert sorted(p.name for p in repository.iterdir()) == sorted(
         [f"fbnet_{g}" for g in graphs] + ["fbnet_search_image", "fbnet_search_text"])
     for graph, spec in graphs.items():
         cfg = parse(repository / f"fbnet_{graph}" / "config.pbtxt")
         assert cfg.name == f"fbnet_{graph}" and cfg.platform == "onnxruntime_onnx"
         model = repository / f"fbnet_{graph}" / "1" / "model.onnx"
-        assert hashlib.sha256(model.read_bytes()).hexdigest() == bundle.manifest["files"][spec["file"]]
+        assert hashlib.sha256(model.read_bytes()).hexdigest() == bundle.manifest.files[spec.file]
         batched = graph in ("image_encoder", "text_encoder")
         assert cfg.max_batch_size == (16 if batched else 0) and cfg.HasField("dynamic_batching") == batched
-        for declared, real in ((cfg.input, spec["inputs"]), (cfg.output, spec["outputs"])):
-            assert [t.name for t in declared] == [t["name"] for t in real]
+        for declared, real in ((cfg.input, spec.inputs), (cfg.output, spec.outputs)):
+            assert [t.name for t in declared] == [t.name for t in real]
             for t, r in zip(declared, real):
-                dims = [-1 if isinstance(d, str) else d for d in r["shape"]][1 if batched else 0:]
-                assert t.data_type == types[r["dtype"]]
+                dims = [-1 if isinstance(d, str) else d for d in r.shape][1 if batched else 0:]
+                assert t.data_type == types[r.dtype]
                 assert list(t.reshape.shape if t.HasField("reshape") else t.dims) == dims
                 assert list(t.dims) == (dims or [1])
         assert cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_AUTO

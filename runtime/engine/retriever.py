@@ -43,16 +43,16 @@ class Retriever:
         self.call_cost = call_cost
         self.keys = bundle.keys
         m = bundle.model
-        self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
+        self.levels, self.max_boxes, self.max_words = m.levels, m.max_boxes, m.max_words
         #: keys whose text units are words: padded to ``max_words`` so every caption's array has one shape
-        self.word_keys = set(m.get("word_keys", ()))
+        self.word_keys = set(m.word_keys)
         #: windows M of the largest key (level 3)
         self.max_windows = self.levels ** 2
         #: each graph's inputs: a model without F-Net keys has no ``fg_mask`` in its scorer
-        self.inputs = {name: {i["name"] for i in spec["inputs"]} for name, spec in bundle.manifest["graphs"].items()}
-        fg = next((i for i in bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask"), None)
+        self.inputs = {name: {i.name for i in spec.inputs} for name, spec in bundle.manifest.graphs.items()}
+        fg = bundle.graph("scorer").input("fg_mask")
         #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
-        self.dynamic_boxes = fg is not None and isinstance(fg["shape"][1], str) and "F1" in self.keys
+        self.dynamic_boxes = fg is not None and isinstance(fg.shape[1], str) and "F1" in self.keys
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run ``graph`` on the feeds it declares (the others are dropped)."""

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ from fbnet.atomic import atomic_write, atomic_write_text
 
 from ..engine.bundle import Bundle
 from ..engine.features import ImageFeatures, concat_images, real_units
+from ..engine.manifest import GalleryMeta
 from ..engine.retriever import QueryError, Retriever
-from .first_stage import FirstStage, INDEX_FILE, choose_spec, level1_key, pooled_images, pooled_texts
-from .gallery import GALLERY_KIND, GalleryError, ITEMS_DIR, load_features
+from .first_stage import INDEX_FILE, FirstStage, choose_spec, level1_key, pooled_images, pooled_texts
+from .gallery import ITEMS_DIR, GalleryError, load_features
 from .items import write_items
 from .stores import CODED, write_coded
 
@@ -49,13 +51,13 @@ def list_images(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in exts)
 
 
-def gallery_meta(bundle: Bundle, images: list, captions: list[str], dtype: str, store: str | None = None) -> dict:
-    """What an index request is (the resumable plan); ``gallery.json`` records it with the item
-    lists replaced by their digest (the items go to line files) and the counts added."""
+def gallery_meta(bundle: Bundle, images: list, captions: list[str], dtype: str,
+                 store: str | None = None) -> GalleryMeta:
+    """What an index request is (the resumable plan): the bundle's encoders, the store, the items
+    listed; ``gallery.json`` records it with the items moved to line files and the counts added."""
     images = [str(p) for p in images]
-    return {"kind": GALLERY_KIND, "bundle": bundle.fingerprint, "dtype": dtype, "store": store or dtype,
-            "images": images, "captions": list(captions), "items_sha256": items_digest(images, captions),
-            "keys": bundle.keys}
+    return GalleryMeta(keys=bundle.keys, dtype=dtype, store=store or dtype, items_sha256=items_digest(images, captions),
+                       encoders=bundle.identity, images=images, captions=list(captions))
 
 
 def items_digest(images: list, captions: list[str]) -> str:
@@ -75,10 +77,11 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
     work.mkdir(parents=True, exist_ok=True)
     meta = gallery_meta(retriever.bundle, images, captions, dtype, store)
     plan = work / "plan.json"
-    if plan.is_file() and json.loads(plan.read_text()) != meta:
+    request = meta.to_dict()
+    if plan.is_file() and json.loads(plan.read_text()) != request:
         shutil.rmtree(work)  # a different request: start over
         work.mkdir(parents=True)
-    atomic_write_text(plan, json.dumps(meta))
+    atomic_write_text(plan, json.dumps(request))
     n_parts = (len(images) + part_size - 1) // part_size
     for p in tqdm(range(n_parts), desc="index images", unit="part"):
         target = work / f"images-{p:05d}.npz"
@@ -117,10 +120,9 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
         stages[side] = spec
     coded = code_features(final, retriever.keys, store, retriever.word_keys) if store in CODED else {}
     for side in ("images", "captions"):  # item names as line files, read on demand (see fbnet.runtime.gallery.items)
-        write_items(final / ITEMS_DIR, side, meta.pop(side))
-    atomic_write_text(final / "gallery.json", json.dumps({**meta, "n_images": len(images), "n_captions": len(captions),
-                                                         "items": ITEMS_DIR, "first_stage": stages, "coded": coded},
-                                                        indent=1))
+        write_items(final / ITEMS_DIR, side, getattr(meta, side))
+    replace(meta, images=None, captions=None, n_images=len(images), n_captions=len(captions), items=ITEMS_DIR,
+            first_stage=stages, coded=coded).save(final / GalleryMeta.FILE)
     if out.exists():
         shutil.rmtree(out)
     os.replace(final, out)

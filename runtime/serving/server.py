@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from fbnet.preprocess import ImageError, ImageTooLarge, MAX_PIXELS, load_image
+from fbnet.preprocess import MAX_PIXELS, ImageError, ImageTooLarge, load_image
 
 from ..engine.retriever import QueryError
 from .batching import MicroBatcher, QueueFull
