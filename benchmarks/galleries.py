@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from fbnet.runtime.gallery import Gallery, gallery_meta
-from fbnet.runtime.retriever import ImageFeatures, TextFeatures
+from fbnet.runtime.engine.features import ImageFeatures, TextFeatures
+from fbnet.runtime.gallery.build import gallery_meta
+from fbnet.runtime.gallery.gallery import Gallery
 
 
 def key_shapes(bundle) -> dict[str, tuple[int, int]]:
     """(blocks K, windows M) per key, e.g. F3 -> (J * 9, 9); a word key has ``max_words`` units."""
-    j, words = bundle.model["max_boxes"], set(bundle.model.get("word_keys", ()))
-    return {k: ((1 if k[0] == "B" else j) * int(k[1]) ** 2, bundle.model["max_words"] if k in words else int(k[1]) ** 2)
+    j, words = bundle.model.max_boxes, set(bundle.model.word_keys)
+    return {k: ((1 if k[0] == "B" else j) * int(k[1]) ** 2, bundle.model.max_words if k in words else int(k[1]) ** 2)
             for k in bundle.keys}
 
 
@@ -27,7 +29,7 @@ FLICKR8K_WORDS = (6, 18)
 def text_units(rng, bundle, key: str, n: int, m: int, d: int) -> np.ndarray:
     """Unit window features, or for a word key unit word features zero past a drawn length."""
     x = unit(rng, n, m, d)
-    if key in bundle.model.get("word_keys", ()):
+    if key in bundle.model.word_keys:
         lengths = rng.integers(*FLICKR8K_WORDS, size=n, endpoint=True)
         x *= (np.arange(m)[None, :] < lengths[:, None])[:, :, None]
     return x
@@ -51,13 +53,13 @@ def box_mask(rng, n: int, j: int) -> np.ndarray:
 
 
 def synthetic(bundle, n_img: int, n_cap: int, seed: int = 0) -> tuple[ImageFeatures, TextFeatures]:
-    rng, d, shapes = np.random.default_rng(seed), bundle.model["embed_dim"], key_shapes(bundle)
-    mask = box_mask(rng, n_img, bundle.model["max_boxes"])
+    rng, d, shapes = np.random.default_rng(seed), bundle.model.embed_dim, key_shapes(bundle)
+    mask = box_mask(rng, n_img, bundle.model.max_boxes)
     blocks = {}
     for k, (kk, _) in shapes.items():
         b = unit(rng, n_img, kk, d)
         if k[0] == "F":  # zero the blocks of absent boxes, as the image encoder does
-            b *= np.repeat(mask, kk // bundle.model["max_boxes"], axis=1)[:, :, None]
+            b *= np.repeat(mask, kk // bundle.model.max_boxes, axis=1)[:, :, None]
         blocks[k] = b
     return ImageFeatures(blocks, mask), TextFeatures({k: text_units(rng, bundle, k, n_cap, m, d) for k, (_, m) in shapes.items()})
 
@@ -72,16 +74,15 @@ def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dty
     out = root / f"synthetic-{n}"
     paths = [str(image_files[i % len(image_files)]) for i in range(n)] if image_files else \
         [f"synthetic/{i:06d}.jpg" for i in range(n)]
-    meta = {**gallery_meta(bundle, paths,
-                           [f"synthetic caption {i}" for i in range(n)], dtype), "n_images": n, "n_captions": n,
-            "box_counts": "flickr8k", "absent_boxes": "zero"}
+    meta = replace(gallery_meta(bundle, paths, [f"synthetic caption {i}" for i in range(n)], dtype), n_images=n,
+                   n_captions=n, extra={"box_counts": "flickr8k", "absent_boxes": "zero"}).to_dict()
     if (out / "gallery.json").is_file() and json.loads((out / "gallery.json").read_text()) == meta:
         return Gallery(out, bundle)
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
     (out / "texts").mkdir()
-    rng, d, shapes = np.random.default_rng(1), bundle.model["embed_dim"], key_shapes(bundle)
-    j = bundle.model["max_boxes"]
+    rng, d, shapes = np.random.default_rng(1), bundle.model.embed_dim, key_shapes(bundle)
+    j = bundle.model.max_boxes
     mask = box_mask(rng, n, j)
     np.save(out / "images" / "fg_mask.npy", mask)
     for side, which in (("images", 0), ("texts", 1)):

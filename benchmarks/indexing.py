@@ -15,11 +15,11 @@ import shutil
 import time
 from pathlib import Path
 
-from fbnet.runtime.backends import OnnxRuntimeBackend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.gallery import build_gallery
-from fbnet.runtime.ray_index import index_on_ray
-from fbnet.runtime.retriever import Retriever
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
+from fbnet.runtime.gallery.build import build_gallery
+from fbnet.runtime.gallery.ray_index import index_on_ray
 
 from common import ROOT, machine, write_section
 
@@ -50,7 +50,7 @@ def main() -> None:
     lines = ["## Indexing on Ray", "",
              f"`python benchmarks/indexing.py` on {machine()}: {len(images)} Flickr8k dev photos (detector, "
              f"image encoder, float32 store), shards of {args.shard_size}, bundle `{args.bundle.name}` "
-             f"(d = {bundle.model['embed_dim']}).", "",
+             f"(d = {bundle.model.embed_dim}).", "",
              "| indexer | seconds | images/s | vs single process |", "| --- | ---: | ---: | ---: |"]
     for label, secs in rows:
         lines.append(f"| {label} | {secs:.1f} | {len(images) / secs:.1f} | {base / secs:.2f}x |")

@@ -22,10 +22,10 @@ from fbnet.checkpoint import load_checkpoint
 from fbnet.data.manifest import load_dataset
 from fbnet.parity import run_parity
 from fbnet.preprocess import load_image
-from fbnet.runtime.backends import select_backend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.retriever import Retriever
-from fbnet.runtime.service import ImageQuery, SearchService
+from fbnet.runtime.engine.backends import select_backend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
+from fbnet.runtime.serving.service import ImageQuery, SearchService
 
 from common import ROOT, machine, timeit, write_section
 from galleries import synthetic_gallery
@@ -82,7 +82,7 @@ def main() -> None:
     par = {name: run_parity(ckpt_path, d, split, "onnxruntime") for name, d in
            (("float32", float_dir), ("int8", int8_dir))}
     print(f"measured in {time.time() - t0:.0f} s")
-    manifest = open_bundle(int8_dir).manifest["quantization"]
+    manifest = open_bundle(int8_dir).manifest.quantization
     lines = ["## INT8 graphs", "",
              f"`python benchmarks/int8.py --run {args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run}"
              f" --int8-graphs {args.int8_graphs}` ({time.strftime('%Y-%m-%d')}; {machine()}). The run's "

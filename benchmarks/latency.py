@@ -27,9 +27,9 @@ from fbnet.export.bundle import export_bundle
 from fbnet.export.graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph
 from fbnet.pipeline import frozen_from_checkpoint
 from fbnet.preprocess import load_image
-from fbnet.runtime.backends import OnnxRuntimeBackend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.retriever import Retriever
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
 from fbnet.windows import image_block_boxes
 
 from common import ROOT, machine, timeit, write_section

@@ -23,10 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fbnet.runtime.backends import select_backend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.retriever import Retriever
-from fbnet.runtime.search import Searcher
+from fbnet.runtime.engine.backends import select_backend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
+from fbnet.runtime.search.searcher import Searcher
 
 from common import ROOT, machine, timeit, write_section
 from galleries import synthetic_gallery

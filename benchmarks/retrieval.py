@@ -49,12 +49,14 @@ from fbnet.export.bundle import export_bundle
 from fbnet.export.graphs import ScorerGraph
 from fbnet.metrics import RECALL_KS, recall_at_k
 from fbnet.models.attention import EPS, l2norm
-from fbnet.runtime.backends import OnnxRuntimeBackend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.gallery import Gallery, build_gallery, code_features
-from fbnet.runtime.retriever import Retriever, pair_chunks
-from fbnet.runtime.search import Searcher
-from fbnet.runtime.stores import STORES
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.manifest import GalleryMeta
+from fbnet.runtime.engine.retriever import Retriever, pair_chunks
+from fbnet.runtime.gallery.build import build_gallery, code_features
+from fbnet.runtime.gallery.gallery import Gallery
+from fbnet.runtime.gallery.stores import STORES
+from fbnet.runtime.search.searcher import Searcher
 
 from common import ROOT, machine, timeit, wait_http, write_section
 from galleries import key_shapes, synthetic, synthetic_gallery
@@ -99,7 +101,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def scorer_section(bundle, model, fusion, retriever, repeats: int) -> str:
-    shapes, d, j = key_shapes(bundle), bundle.model["embed_dim"], bundle.model["max_boxes"]
+    shapes, d, j = key_shapes(bundle), bundle.model.embed_dim, bundle.model.max_boxes
     images, texts = synthetic(bundle, 10_000, 200)
     first = images.take(slice(0, 1000))
     mean_boxes = float(first.fg_mask.sum(axis=1).mean())
@@ -198,7 +200,8 @@ def calls_section(bundle, retriever, work: Path, repeats: int, shortlist: int) -
     is the number of padded box slots one call's fixed cost is worth (``SCORER_CALL_COST``); then
     the two-stage re-rank (``shortlist`` gallery rows x 1 caption) with one call per box count,
     with groups merged at that cost, and as one call padded to the largest count."""
-    from fbnet.runtime.retriever import SCORER_CALL_COST, as_float32
+    from fbnet.runtime.engine.features import as_float32
+    from fbnet.runtime.engine.retriever import SCORER_CALL_COST
 
     gallery = synthetic_gallery(bundle, 10_000, work)
     text = retriever.encode_texts(["a black dog is running through the grass"])
@@ -249,7 +252,7 @@ def calls_section(bundle, retriever, work: Path, repeats: int, shortlist: int) -
 # -- warm latency ---------------------------------------------------------------------------------
 def int8_label(bundle) -> str:
     """Which graphs of ``bundle`` are INT8 and how they were calibrated ("" for a float bundle)."""
-    q = bundle.manifest.get("quantization")
+    q = bundle.manifest.quantization
     if not q:
         return ""
     graphs = " and ".join(g.replace("_", " ") for g in q["graphs"])
@@ -403,7 +406,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
     g32 = work / "dev-float32"
     if not (g32 / "gallery.json").is_file():
         build_gallery(retriever, images, captions, g32)
-    d, j = bundle.model["embed_dim"], bundle.model["max_boxes"]
+    d, j = bundle.model.embed_dim, bundle.model.max_boxes
     lines = [
         "## Gallery storage: plain and coded stores",
         "",
@@ -423,15 +426,16 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
             final, root = root, work / f"dev-{store}.partial"  # made aside, renamed when complete
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(g32, root)
-            meta = json.loads((root / "gallery.json").read_text())
+            meta = GalleryMeta.load(root / GalleryMeta.FILE)
             if store == "float16":
                 for f in list((root / "images").glob("*.npy")) + list((root / "texts").glob("*.npy")):
                     if f.name != "fg_mask.npy":
                         np.save(f, np.load(f).astype(np.float16))
-                meta["dtype"] = "float16"
+                meta.dtype = "float16"
             else:
-                meta["coded"] = code_features(root, bundle.keys, store)
-            (root / "gallery.json").write_text(json.dumps({**meta, "store": store}))
+                meta.coded = code_features(root, bundle.keys, store)
+            meta.store = store
+            meta.save(root / GalleryMeta.FILE)
             root = root.rename(final)
         size = lambda side: sum(f.stat().st_size for f in (root / side).iterdir())  # noqa: E731
         r = runtime_recall(retriever, Gallery(root, bundle), owner, shortlist)
@@ -443,7 +447,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
     met = []
     for int8_dir in int8_dirs:  # the same dev gallery, its images encoded by the INT8 graphs
         int8 = open_bundle(int8_dir)
-        q = int8.manifest["quantization"]
+        q = int8.manifest.quantization
         r8 = Retriever(int8, OnnxRuntimeBackend(int8))
         root = work / f"dev-int8-{'+'.join(q['graphs'])}-{q['calibration']['method']}"
         if not (root / "gallery.json").is_file():

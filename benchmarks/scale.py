@@ -21,14 +21,15 @@ import statistics
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.first_stage import INDEX_FILE, FirstStage, choose_spec
-from fbnet.runtime.gallery import gallery_meta
-from fbnet.runtime.stores import write_coded
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.gallery.build import gallery_meta
+from fbnet.runtime.gallery.first_stage import INDEX_FILE, FirstStage, choose_spec
+from fbnet.runtime.gallery.stores import write_coded
 
 from common import ROOT, machine, write_section
 from galleries import box_mask, key_shapes
@@ -85,7 +86,7 @@ def build_million(bundle, n: int, store: str, out: Path, b1: np.ndarray, ivf: Fi
     """The coded gallery directory (images only) and what building it took."""
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
-    rng, d, j = np.random.default_rng(2), bundle.model["embed_dim"], bundle.model["max_boxes"]
+    rng, d, j = np.random.default_rng(2), bundle.model.embed_dim, bundle.model.max_boxes
     pool_mask = box_mask(rng, POOL, j)
     reps = -(-n // POOL)
     np.save(out / "images" / "fg_mask.npy", np.tile(pool_mask, (reps, 1))[:n])
@@ -117,9 +118,8 @@ def build_million(bundle, n: int, store: str, out: Path, b1: np.ndarray, ivf: Fi
         shutil.copy(pool_dir / f"{key}.codec.faiss", out / "images")
         coded[key] = {"shape": [n, k, d], "bytes_per_vector": int(pool_codes.shape[1]), "vectors": int(offsets[-1])}
     shutil.rmtree(out / "pool")
-    meta = {**gallery_meta(bundle, [f"synthetic/{i:07d}.jpg" for i in range(n)], [], "float32", store),
-            "n_images": n, "n_captions": 0, "first_stage": {"images": spec}, "coded": {"images": coded}}
-    (out / "gallery.json").write_text(json.dumps(meta))
+    replace(gallery_meta(bundle, [f"synthetic/{i:07d}.jpg" for i in range(n)], [], "float32", store),
+            n_images=n, n_captions=0, first_stage={"images": spec}, coded={"images": coded}).save(out / "gallery.json")
     return {"encode_vectors_s": statistics.median(encode.values())}
 
 
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
     bundle = open_bundle(args.bundle)
-    d = bundle.model["embed_dim"]
+    d = bundle.model.embed_dim
     b1 = clustered(args.n, d, seed=0)
     picks = np.random.default_rng(3).choice(args.n, 200, replace=False)
     noisy = b1[picks].astype(np.float32) + 0.03 * np.random.default_rng(4).standard_normal((200, d), dtype=np.float32)

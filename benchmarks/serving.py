@@ -35,8 +35,8 @@ import numpy as np
 
 from fbnet.checkpoint import load_checkpoint
 from fbnet.data.manifest import load_dataset
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.triton_env import build as build_triton_env
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.serving.triton_env import build as build_triton_env
 
 from common import ROOT, machine, source_at, wait_http, write_section
 from galleries import synthetic_gallery
@@ -175,10 +175,10 @@ def start_baseline(ref: str, bundle: Path, gallery: Path, port: int, work: Path)
 # -- where a query's time goes ----------------------------------------------------------------------
 def stage_profile(bundle_dir: Path, gallery, captions: list[str], repeats: int = 20) -> list[tuple]:
     """Median ms of each stage of text search, for one query and for a batch of 8, in this process."""
-    from fbnet.runtime.backends import select_backend
-    from fbnet.runtime.retriever import Retriever
-    from fbnet.runtime.search import pooled_texts
-    from fbnet.runtime.service import SearchService, TextQuery
+    from fbnet.runtime.engine.backends import select_backend
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.first_stage import pooled_texts
+    from fbnet.runtime.serving.service import SearchService, TextQuery
 
     from common import timeit
 
@@ -247,7 +247,7 @@ def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bu
              f"`python benchmarks/serving.py` ({time.strftime('%Y-%m-%d')}; {machine()}). One run; each cell "
              f"is {seconds:g} s of back-to-back requests per client on keep-alive connections, load generator "
              f"(asyncio, one process) on the same 2 cores. Gallery: {items:,} images and {items:,} captions of "
-             f"the default model's shapes (d = {bundle.model['embed_dim']}, J = {bundle.model['max_boxes']}, "
+             f"the default model's shapes (d = {bundle.model.embed_dim}, J = {bundle.model.max_boxes}, "
              "float32), two-stage search, top 5 of a shortlist of 100, ONNX Runtime on the CPU. Built-in "
              "server: `fbnet-serve-cli serve` (uvicorn + Starlette, one micro-batching worker, max batch 64, "
              "max wait 0, a batch's re-ranks on one one-thread session per core). Triton: `fbnet-serve-cli "

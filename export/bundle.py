@@ -14,22 +14,21 @@ every file. The bundle is built in a temporary directory and renamed into place.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fbnet import FORMAT_VERSION
-from fbnet.atomic import atomic_dir, atomic_write_text
+from fbnet.atomic import atomic_dir
 from fbnet.checkpoint import library_versions, load_checkpoint
 from fbnet.data.manifest import DatasetError, load_dataset
 from fbnet.evaluate import load_model
 from fbnet.models.detector import detect
 from fbnet.pipeline import frozen_from_checkpoint
 from fbnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, load_image
-from fbnet.runtime.bundle import sha256
+from fbnet.runtime.engine.bundle import sha256
+from fbnet.runtime.engine.manifest import Engines, GraphSpec, Manifest, ModelSpec, Preprocess, TensorSpec
 from fbnet.windows import image_block_boxes
 
 from .graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph, graph_io, key_name
@@ -37,7 +36,6 @@ from .onnx_export import DEFAULT_OPSET, ExportError, compare, export_graph, inpu
 from .ort_optimize import save_optimized
 from .tensorrt import build_engines, tensorrt_status
 
-BUNDLE_KIND = "fbnet-bundle"
 FLOAT32_TOLERANCE = 1e-4
 
 
@@ -104,9 +102,11 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
                 raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {check.max_rel:.2e} "
                                   f"(relative), above the float32 tolerance {FLOAT32_TOLERANCE}")
             checks[name] = check.to_json()
-            specs[name] = {"file": path.name, "inputs": input_specs(path), "outputs": output_specs(path),
-                           "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec["dynamic"].items()}}
-            specs[name]["ort_optimized"] = save_optimized(tmp, name, specs[name])
+            specs[name] = GraphSpec(
+                path.name, [TensorSpec.from_dict(t) for t in input_specs(path)],
+                [TensorSpec.from_dict(t) for t in output_specs(path)],
+                {k: {str(a): n for a, n in v.items()} for k, v in spec["dynamic"].items()},
+                save_optimized(tmp, name, path.name))
         vocab.save(tmp / "vocab.json")
         engines, note = {}, "not requested (use --fp16 on a GPU host with TensorRT)"
         if fp16:
@@ -118,46 +118,41 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
                 note = (f"not built: {why}. The ONNX bundle is complete; build the engines later on a GPU "
                         f"host with: fbnet export --engines-only {out}")
                 log(f"TensorRT engines {note}")
-        manifest = {
-            "kind": BUNDLE_KIND,
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "precision": "float32 graphs" + (", float16 TensorRT engines" if engines else ""),
-            "opset": opset,
-            "model": {"name": cfg.model.name, "levels": cfg.model.levels, "branches": list(cfg.model.branches),
-                      "embed_dim": cfg.model.embed_dim, "max_boxes": cfg.model.detector.max_boxes,
-                      "score_threshold": cfg.model.detector.score_threshold, "max_words": cfg.data.max_words,
-                      "keys": [key_name("", *k).lstrip("_") for k in model.keys],
-                      "word_keys": [key_name("", *k).lstrip("_") for k in model.word_keys]},
-            "preprocess": {"canvas": cfg.model.backbone.image_size, "resize": "bilinear (PIL)",
-                           "channels": "RGB, CHW", "scale": "1/255", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                           "normalisation": "inside image_encoder.onnx and detector.onnx"},
-            "fusion": vars(fusion),
-            "graphs": specs,
-            "engines": {"status": note, "files": engines},
-            "export_check": checks,
-            "validation_metrics": ckpt.get("val_metrics"),
-            "source_checkpoint": {"path": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)},
-            "versions": {**library_versions(), "onnx": __import__("onnx").__version__,
-                         "onnxruntime": __import__("onnxruntime").__version__},
-        }
-        manifest["files"] = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1))
+        m = cfg.model
+        manifest = Manifest(
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            precision="float32 graphs" + (", float16 TensorRT engines" if engines else ""),
+            opset=opset,
+            model=ModelSpec(name=m.name, levels=m.levels, branches=list(m.branches), embed_dim=m.embed_dim,
+                            max_boxes=m.detector.max_boxes, score_threshold=m.detector.score_threshold,
+                            max_words=cfg.data.max_words, keys=[key_name("", *k).lstrip("_") for k in model.keys],
+                            word_keys=[key_name("", *k).lstrip("_") for k in model.word_keys]),
+            preprocess=Preprocess(canvas=m.backbone.image_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+            fusion=vars(fusion),
+            graphs=specs,
+            engines=Engines(note, engines),
+            export_check=checks,
+            validation_metrics=ckpt.get("val_metrics"),
+            source_checkpoint={"path": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)},
+            versions={**library_versions(), "onnx": __import__("onnx").__version__,
+                      "onnxruntime": __import__("onnxruntime").__version__},
+            files={p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        )
+        manifest.save(tmp / Manifest.FILE)
     return out
 
 
 def build_bundle_engines(bundle: str | Path, fp16: bool = True, log=print) -> dict:
     """``fbnet export --engines-only``: add TensorRT engines to an existing bundle on a GPU host."""
     bundle = Path(bundle)
-    manifest_path = bundle / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest_path = bundle / Manifest.FILE
+    manifest = Manifest.load(manifest_path)
     ok, why = tensorrt_status()
     if not ok:
         raise ExportError(f"cannot build TensorRT engines here: {why}")
-    engines = build_engines(bundle, manifest["graphs"], manifest["model"]["max_boxes"], fp16=fp16, log=log)
-    manifest["engines"] = {"status": "built", "files": engines}
-    manifest["precision"] = "float32 graphs" + (", float16 TensorRT engines" if fp16 else ", float32 engines")
-    manifest["files"] = {p.name: sha256(p) for p in sorted(bundle.iterdir())
-                         if p.is_file() and p.name != "manifest.json"}
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+    engines = build_engines(bundle, manifest.graphs, manifest.model.max_boxes, fp16=fp16, log=log)
+    manifest.engines = Engines("built", engines)
+    manifest.precision = "float32 graphs" + (", float16 TensorRT engines" if fp16 else ", float32 engines")
+    manifest.files = {p.name: sha256(p) for p in sorted(bundle.iterdir()) if p.is_file() and p.name != Manifest.FILE}
+    manifest.save(manifest_path)
     return engines

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fbnet.runtime.engine.manifest import OptimizedGraph
 
-def save_optimized(root: Path, graph: str, spec: dict) -> dict:
-    """Write ``<graph>.ort.onnx`` for ``spec['file']`` in ``root``; return the manifest record."""
+
+def save_optimized(root: Path, graph: str, source: str) -> OptimizedGraph:
+    """Write ``<graph>.ort.onnx`` for the graph file ``source`` in ``root``; return the manifest record."""
     import onnxruntime as ort
 
     target = root / f"{graph}.ort.onnx"
@@ -23,6 +25,6 @@ def save_optimized(root: Path, graph: str, spec: dict) -> dict:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.optimized_model_filepath = str(target)
     opts.log_severity_level = 3
-    ort.InferenceSession(str(root / spec["file"]), opts, providers=["CPUExecutionProvider"])
-    return {"file": target.name, "source": spec["file"], "level": "extended", "onnxruntime": ort.__version__}
+    ort.InferenceSession(str(root / source), opts, providers=["CPUExecutionProvider"])
+    return OptimizedGraph(file=target.name, source=source, level="extended", onnxruntime=ort.__version__)
 

@@ -23,17 +23,15 @@ points the graph at them (``file``), keeps ``float_file``, and records how they 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from fbnet.atomic import atomic_write_text
 from fbnet.preprocess import load_image
-from fbnet.runtime.backends import OnnxRuntimeBackend
-from fbnet.runtime.bundle import open_bundle, sha256
-from fbnet.runtime.retriever import Retriever
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle, sha256
+from fbnet.runtime.engine.retriever import Retriever
 
 from .ort_optimize import save_optimized
 
@@ -88,15 +86,15 @@ def quantize_bundle(bundle_dir: str | Path, images: list[Path], graphs: tuple[st
     calibrate = getattr(CalibrationMethod, CALIBRATION_METHODS[method])
     bundle = open_bundle(bundle_dir)
     manifest = bundle.manifest
-    if manifest.get("quantization"):
-        raise QuantizeError(f"{bundle.root}: already quantized ({manifest['quantization']['graphs']})")
+    if manifest.quantization:
+        raise QuantizeError(f"{bundle.root}: already quantized ({manifest.quantization['graphs']})")
     feeds = calibration_feeds(Retriever(bundle, OnnxRuntimeBackend(bundle)), images, graphs)
     if not feeds:
         raise QuantizeError(f"{bundle.root}: has none of the graphs to quantize ({', '.join(graphs)})")
     done = []
     for graph, graph_feeds in feeds.items():
-        spec = manifest["graphs"][graph]
-        source, target = bundle.root / spec["file"], bundle.root / f"{graph}.int8.onnx"
+        spec = manifest.graphs[graph]
+        source, target = bundle.root / spec.file, bundle.root / f"{graph}.int8.onnx"
         with tempfile.TemporaryDirectory() as tmp:
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
@@ -104,16 +102,16 @@ def quantize_bundle(bundle_dir: str | Path, images: list[Path], graphs: tuple[st
                             op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=calibrate)
-        spec["float_file"], spec["file"] = spec["file"], target.name
-        spec["ort_optimized"] = save_optimized(bundle.root, f"{graph}.int8", spec)
-        for made in (target.name, spec["ort_optimized"]["file"]):
-            manifest["files"][made] = sha256(bundle.root / made)
+        spec.float_file, spec.file = spec.file, target.name
+        spec.ort_optimized = save_optimized(bundle.root, f"{graph}.int8", spec.file)
+        for made in (target.name, spec.ort_optimized.file):
+            manifest.files[made] = sha256(bundle.root / made)
         log(f"  {target.name:24s} {source.stat().st_size / 1e6:6.1f} MB -> {target.stat().st_size / 1e6:6.1f} MB")
         done.append(graph)
-    manifest["quantization"] = {"graphs": done, "format": "QDQ", "weights": "int8, per channel",
+    manifest.quantization = {"graphs": done, "format": "QDQ", "weights": "int8, per channel",
                                 "activations": "uint8", "ops": ["Conv", "MatMul", "Gemm"],
                                 "calibration": {"method": method, "images": len(images),
                                                 "first": str(images[0])}}
-    manifest["precision"] = f"int8 {', '.join(done)}; float32 others"
-    atomic_write_text(bundle.root / "manifest.json", json.dumps(manifest, indent=1))
-    return manifest["quantization"]
+    manifest.precision = f"int8 {', '.join(done)}; float32 others"
+    manifest.save(bundle.root / manifest.FILE)
+    return manifest.quantization

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fbnet.runtime.engine_tags import engine_name, gpu_compute_capability
+from fbnet.runtime.engine.engine_tags import engine_name, gpu_compute_capability
+from fbnet.runtime.engine.manifest import GraphSpec
 
 #: min / opt / max extents for each named dynamic axis; the box axes come from the bundle's J
 #: (:func:`box_profile`).
@@ -38,9 +39,9 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-def build_engines(bundle: Path, graphs: dict[str, dict], max_boxes: int, fp16: bool = True,
+def build_engines(bundle: Path, graphs: dict[str, GraphSpec], max_boxes: int, fp16: bool = True,
                   log=print) -> dict[str, str]:
-    """Build an engine for every ``graphs[name]['file']`` in ``bundle``; return name -> engine file."""
+    """Build an engine for every ``graphs[name].file`` in ``bundle``; return name -> engine file."""
     import tensorrt as trt
 
     cc = gpu_compute_capability()
@@ -51,9 +52,9 @@ def build_engines(bundle: Path, graphs: dict[str, dict], max_boxes: int, fp16: b
     for name, spec in graphs.items():
         network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(bundle / spec["file"])):
+        if not parser.parse_from_file(str(bundle / spec.file)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"{spec['file']}: TensorRT's ONNX parser failed: {errors}")
+            raise RuntimeError(f"{spec.file}: TensorRT's ONNX parser failed: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 4 << 30)
         if fp16:
@@ -61,15 +62,15 @@ def build_engines(bundle: Path, graphs: dict[str, dict], max_boxes: int, fp16: b
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
-        for inp in spec["inputs"]:
-            shapes = profile_shapes(inp["shape"], max_boxes)
+        for inp in spec.inputs:
+            shapes = profile_shapes(inp.shape, max_boxes)
             if shapes is not None:
-                profile.set_shape(inp["name"], *shapes)
+                profile.set_shape(inp.name, *shapes)
         config.add_optimization_profile(profile)
-        log(f"building TensorRT engine for {spec['file']} ({'fp16' if fp16 else 'fp32'})")
+        log(f"building TensorRT engine for {spec.file} ({'fp16' if fp16 else 'fp32'})")
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise RuntimeError(f"{spec['file']}: TensorRT could not build an engine (see the log above)")
+            raise RuntimeError(f"{spec.file}: TensorRT could not build an engine (see the log above)")
         fname = engine_name(name, trt.__version__, cc)
         (bundle / fname).write_bytes(bytes(plan))
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))

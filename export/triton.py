@@ -18,8 +18,8 @@ manifest). A graph whose inputs and outputs all lead with the same dynamic axis 
 ``reshape { shape: [] }``. Instances are ``KIND_AUTO`` (GPU where there is one), and the ONNX
 Runtime models ask for the TensorRT execution accelerator in FP16 on GPU instances.
 
-The search models run :class:`fbnet.runtime.service.SearchService`, the built-in server's code,
-with a backend whose ``run`` is a BLS call to the models above (:mod:`fbnet.runtime.triton`);
+The search models run :class:`fbnet.runtime.serving.service.SearchService`, the built-in server's code,
+with a backend whose ``run`` is a BLS call to the models above (:mod:`fbnet.runtime.serving.triton`);
 their ``parameters`` name the bundle and gallery directories as Triton's host sees them.
 """
 
@@ -29,36 +29,37 @@ import shutil
 from pathlib import Path
 
 from fbnet.atomic import atomic_dir
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.triton import GRAPH_MODEL, SEARCH_INPUTS, SEARCH_OUTPUTS, batch_axis
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.manifest import GraphSpec, TensorSpec
+from fbnet.runtime.serving.triton import GRAPH_MODEL, SEARCH_INPUTS, SEARCH_OUTPUTS, batch_axis
 
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
          "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "object": "TYPE_STRING", "bytes": "TYPE_STRING"}
-MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fbnet.runtime.triton)."""\n' \
-           "from fbnet.runtime.triton import TritonPythonModel  # noqa: F401\n"
+MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fbnet.runtime.serving.triton)."""\n' \
+           "from fbnet.runtime.serving.triton import TritonPythonModel  # noqa: F401\n"
 
 
 class TritonExportError(ValueError):
     """The bundle cannot be written as a Triton model repository; the message says why."""
 
 
-def _tensor(t: dict, batched: bool) -> str:
-    dims = [-1 if isinstance(d, str) else int(d) for d in t["shape"]]
+def _tensor(t: TensorSpec, batched: bool) -> str:
+    dims = [-1 if isinstance(d, str) else int(d) for d in t.shape]
     if batched:
         dims = dims[1:]
-    lines = [f'    name: "{t["name"]}"', f"    data_type: {TYPES[t['dtype']]}",
+    lines = [f'    name: "{t.name}"', f"    data_type: {TYPES[t.dtype]}",
              f"    dims: [ {', '.join(map(str, dims or [1]))} ]"]
     if not dims:
         lines.append("    reshape: { shape: [ ] }")
     return "  {\n" + "\n".join(lines) + "\n  }"
 
 
-def graph_config(name: str, spec: dict, platform: str, max_batch: int, instances: int) -> str:
+def graph_config(name: str, spec: GraphSpec, platform: str, max_batch: int, instances: int) -> str:
     """``config.pbtxt`` for one graph (``platform``: ``onnxruntime_onnx`` or ``tensorrt_plan``)."""
     batched = batch_axis(spec) is not None
     lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch if batched else 0}",
-             "input [\n" + ",\n".join(_tensor(t, batched) for t in spec["inputs"]) + "\n]",
-             "output [\n" + ",\n".join(_tensor(t, batched) for t in spec["outputs"]) + "\n]",
+             "input [\n" + ",\n".join(_tensor(t, batched) for t in spec.inputs) + "\n]",
+             "output [\n" + ",\n".join(_tensor(t, batched) for t in spec.outputs) + "\n]",
              f"instance_group [ {{ count: {instances}, kind: KIND_AUTO }} ]"]
     if batched:
         lines.append("dynamic_batching { max_queue_delay_microseconds: 500 }")
@@ -97,14 +98,14 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, gallery: st
     ``bundle_path``/``gallery_path`` are those directories as the Triton host sees them (default:
     their absolute paths here)."""
     bundle = open_bundle(bundle_dir)
-    engines = bundle.manifest.get("engines", {}).get("files", {})
+    engines = bundle.manifest.engines.files
     if gallery is not None and not (Path(gallery) / "gallery.json").is_file():
         raise TritonExportError(f"{gallery}: not a gallery (no gallery.json); build one with fbnet-serve-cli index")
     with atomic_dir(Path(out)) as tmp:
-        for graph, spec in bundle.manifest["graphs"].items():
+        for graph, spec in bundle.manifest.graphs.items():
             name = GRAPH_MODEL.format(graph=graph)
             (tmp / name / "1").mkdir(parents=True)
-            shutil.copy(bundle.root / spec["file"], tmp / name / "1" / "model.onnx")
+            shutil.copy(bundle.root / spec.file, tmp / name / "1" / "model.onnx")
             (tmp / name / "config.pbtxt").write_text(graph_config(name, spec, "onnxruntime_onnx", max_batch, instances))
             if graph in engines:
                 trt = name + "_trt"

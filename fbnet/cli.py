@@ -207,8 +207,8 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
     from fbnet.export.onnx_export import ExportError
     from fbnet.export.quantize import QuantizeError, quantize_bundle
     from fbnet.export.triton import TritonExportError, write_triton_repository
-    from fbnet.runtime.bundle import BundleError
-    from fbnet.runtime.gallery import GalleryError
+    from fbnet.runtime.engine.bundle import BundleError
+    from fbnet.runtime.gallery.gallery import GalleryError
 
     try:
         if engines_only:

@@ -31,9 +31,9 @@ def top_k_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto", data=None,
                limit: int | None = None) -> dict:
-    from .runtime.backends import select_backend
-    from .runtime.bundle import open_bundle
-    from .runtime.retriever import Retriever
+    from .runtime.engine.backends import select_backend
+    from .runtime.engine.bundle import open_bundle
+    from .runtime.engine.retriever import Retriever
 
     ckpt = load_checkpoint(ckpt_path)
     cfg, model, vocab, fusion = load_model(ckpt)
@@ -55,7 +55,7 @@ def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto
     args = (caps.image, caps.image_labels, caps.labels)
     ref, got = retrieval_report(torch_scores, *args), retrieval_report(runtime_scores, *args)
     primary = ref["primary"]
-    quantized = bundle.manifest.get("quantization")
+    quantized = bundle.manifest.quantization
     precision = "int8" if quantized else "float16" if retriever.backend.half else "float32"
     result = {
         "split": split, "images": len(items), "captions": len(captions),

@@ -9,10 +9,10 @@
     fbnet-serve-cli triton-env [DIR]                      # the PyTriton environment (numpy < 2)
     DIR/bin/fbnet-serve-cli triton --bundle B --gallery G [--http-port 8000]
 
-Queries use two-stage search (:mod:`fbnet.runtime.search`; ``--exhaustive`` scores every item).
+Queries use two-stage search (:mod:`fbnet.runtime.search.searcher`; ``--exhaustive`` scores every item).
 ``serve`` keeps the bundle and gallery loaded and answers HTTP + JSON with micro-batching
-(:mod:`fbnet.runtime.server`); ``triton`` serves the same search through Triton Inference Server
-(:mod:`fbnet.runtime.triton`).
+(:mod:`fbnet.runtime.serving.server`); ``triton`` serves the same search through Triton Inference Server
+(:mod:`fbnet.runtime.serving.triton`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ import click
 
 from fbnet.preprocess import MAX_PIXELS, ImageError
 
-from .backends import BACKENDS, BackendUnavailable, select_backend
-from .bundle import BundleError, open_bundle
-from .gallery import GalleryError, build_gallery, list_images, open_gallery, read_captions
-from .retriever import QueryError, Retriever
-from .search import DEFAULT_SHORTLIST, Searcher, hits_json
-from .service import SearchService
-from .shards import build_sharded
-from .stores import STORES
-from .triton_env import TritonEnvError
+from .engine.backends import BACKENDS, BackendUnavailable, select_backend
+from .engine.bundle import BundleError, open_bundle
+from .engine.retriever import QueryError, Retriever
+from .gallery.build import build_gallery, list_images, read_captions
+from .gallery.gallery import GalleryError
+from .gallery.shards import build_sharded, open_gallery
+from .gallery.stores import STORES
+from .search.searcher import DEFAULT_SHORTLIST, Searcher, hits_json
+from .serving.service import SearchService
+from .serving.triton_env import TritonEnvError
 
 ERRORS = (BundleError, GalleryError, QueryError, ImageError, BackendUnavailable, TritonEnvError)
 
@@ -77,7 +78,7 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_s
     options = {"store": store or ("float16" if float16 else "float32"), "first_stage": first_stage,
                "memory_budget": first_stage_memory << 20 if first_stage_memory else None}
     if ray_address:
-        from .ray_index import index_on_ray
+        from .gallery.ray_index import index_on_ray
 
         index_on_ray(bundle, images, caps, out, shard_size or 1000, workers=ray_workers,
                      address=None if ray_address == "local" else ray_address,
@@ -161,7 +162,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
     """Serve text and image queries over HTTP + JSON, with a search page at /."""
     import logging
 
-    from .server import SearchServer, ServeConfig, listen, run_server
+    from .serving.server import SearchServer, ServeConfig, listen, run_server
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -196,7 +197,7 @@ def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortl
     import signal
     import threading
 
-    from .triton import serve_pytriton
+    from .serving.triton import serve_pytriton
 
     retriever = _retriever(bundle, backend)
     service = SearchService(retriever, open_gallery(gallery, retriever.bundle), shortlist, rerank_lanes)
@@ -219,7 +220,7 @@ def triton_env_cmd(directory):
     """Build (or reuse) the PyTriton environment (numpy < 2) and print its python."""
     from pathlib import Path
 
-    from .triton_env import build
+    from .serving.triton_env import build
 
     click.echo(build(Path(directory) if directory else None, log=lambda m: click.echo(m, err=True)))
 

@@ -76,10 +76,11 @@ def gallery_inputs(trained, tmp_path_factory):
 @pytest.fixture(scope="session")
 def served(bundle, gallery_inputs, tmp_path_factory):
     """The tiny model's bundle on ONNX Runtime and a gallery of 12 test images and captions."""
-    from fbnet.runtime.backends import select_backend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, build_gallery, list_images, read_captions
-    from fbnet.runtime.retriever import Retriever
+    from fbnet.runtime.engine.backends import select_backend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.gallery import Gallery
 
     b = open_bundle(bundle)
     retriever = Retriever(b, select_backend(b, "onnxruntime"))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fbnet.runtime.first_stage import DEFAULT_NPROBE, FirstStage, FirstStageError, choose_spec
+from fbnet.runtime.gallery.first_stage import DEFAULT_NPROBE, FirstStage, FirstStageError, choose_spec
 
 
 def unit_vectors(n, d, seed=0):
@@ -51,18 +51,19 @@ def test_bad_index_files_are_named(tmp_path):
 def test_gallery_with_an_ivf_first_stage(bundle, gallery_inputs, tmp_path):
     """`index --first-stage ivf` saves the index; two-stage search through it equals exact
     two-stage search when nprobe covers every list."""
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, build_gallery, list_images, read_captions
-    from fbnet.runtime.retriever import Retriever
-    from fbnet.runtime.search import Searcher
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.gallery import Gallery
+    from fbnet.runtime.search.searcher import Searcher
 
     b = open_bundle(bundle)
     r = Retriever(b, OnnxRuntimeBackend(b))
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
     build_gallery(r, images, captions, tmp_path / "g", first_stage="ivf")
     g = Gallery(tmp_path / "g", b)
-    assert (tmp_path / "g" / "images" / "first_stage.faiss").is_file() and g.meta["first_stage"]["images"].startswith("IVF")
+    assert (tmp_path / "g" / "images" / "first_stage.faiss").is_file() and g.meta.first_stage["images"].startswith("IVF")
     ivf = Searcher(r, g.image_features, g.text_features, 5, image_stage=g.first_stage("images"),
                    text_stage=g.first_stage("texts"))
     exact = Searcher(r, g.image_features, g.text_features, 5)

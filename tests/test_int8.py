@@ -9,9 +9,9 @@ import onnx
 from click.testing import CliRunner
 
 from fbnet.cli import main
-from fbnet.runtime.backends import select_backend
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.retriever import Retriever
+from fbnet.runtime.engine.backends import select_backend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
 
 
 def test_int8_default_is_the_detector_and_unknown_graphs_are_refused(bundle, tmp_path):

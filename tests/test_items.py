@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fbnet.runtime.gallery import Gallery, GalleryError
-from fbnet.runtime.items import ItemList, ItemsError, write_items
+from fbnet.runtime.gallery.gallery import Gallery, GalleryError
+from fbnet.runtime.gallery.items import ItemList, ItemsError, write_items
 
 
 def test_line_files_round_trip_any_text(tmp_path):

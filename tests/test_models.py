@@ -260,13 +260,14 @@ def test_related_model_trains_beats_untrained_and_evaluates(related):
 
 def test_related_model_exports_passes_parity_searches_and_serves(related, gallery_inputs, tmp_path):
     from fbnet.cli import main as fbnet_main
-    from fbnet.runtime.backends import select_backend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, build_gallery, list_images, read_captions
-    from fbnet.runtime.retriever import Retriever
-    from fbnet.runtime.search import Searcher
-    from fbnet.runtime.server import SearchServer
-    from fbnet.runtime.service import SearchService, TextQuery
+    from fbnet.runtime.engine.backends import select_backend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.gallery import Gallery
+    from fbnet.runtime.search.searcher import Searcher
+    from fbnet.runtime.serving.server import SearchServer
+    from fbnet.runtime.serving.service import SearchService, TextQuery
 
     from test_server import call, running
 
@@ -276,7 +277,7 @@ def test_related_model_exports_passes_parity_searches_and_serves(related, galler
     assert res.exit_code == 0 and "PASS" in res.output, res.output
     assert json.loads((tmp_path / "p.json").read_text())["max_score_diff"] < 1e-3
     b = open_bundle(root / "bundle")
-    assert b.model["name"] == name
+    assert b.model.name == name
     retriever = Retriever(b, select_backend(b, "onnxruntime"))
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
     for store in ("float32", "sq8"):  # a coded store keeps only real words and regions

@@ -17,11 +17,12 @@ def ray_cluster():
 
 
 def test_ray_index_equals_single_process_and_resumes(ray_cluster, bundle, gallery_inputs, tmp_path):
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import build_gallery, list_images, open_gallery, read_captions
-    from fbnet.runtime.ray_index import index_on_ray
-    from fbnet.runtime.retriever import Retriever
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.ray_index import index_on_ray
+    from fbnet.runtime.gallery.shards import open_gallery
 
     b = open_bundle(bundle)
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")

@@ -52,15 +52,16 @@ def test_scorer_box_axis_is_dynamic_and_grouping_is_exact(bundle):
     slots, and Retriever.score (grouped by box count) equals one padded call per image."""
     import onnxruntime as ort
 
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.retriever import ImageFeatures, Retriever, TextFeatures
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.features import ImageFeatures, TextFeatures
+    from fbnet.runtime.engine.retriever import Retriever
 
     b = open_bundle(bundle)
     r = Retriever(b, OnnxRuntimeBackend(b))
     assert r.dynamic_boxes
     rng = np.random.default_rng(0)
-    j, d, n = b.model["max_boxes"], b.model["embed_dim"], 7
+    j, d, n = b.model.max_boxes, b.model.embed_dim, 7
     counts = np.array([1, 3, j, 2, 1, j, 3])
     mask = (np.arange(j)[None] < counts[:, None]).astype(np.float32)
     unit = lambda a: (a / np.linalg.norm(a, axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
@@ -97,14 +98,16 @@ def test_scorer_box_axis_is_dynamic_and_grouping_is_exact(bundle):
 def test_saved_ort_optimisations_are_used_and_match(bundle):
     import onnxruntime as ort
 
-    from fbnet.runtime.backends import optimized_file
+    from fbnet.runtime.engine.backends import optimized_file
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    for name, spec in manifest["graphs"].items():
-        opt = spec["ort_optimized"]
-        assert (bundle / opt["file"]).is_file() and opt["source"] == spec["file"], name
-        assert optimized_file(spec, ort.__version__) == opt["file"]
-        assert optimized_file(spec, "0.0.0") == spec["file"]  # another ONNX Runtime: the plain graph
+    from fbnet.runtime.engine.manifest import Manifest
+
+    manifest = Manifest.load(bundle / "manifest.json")
+    for name, spec in manifest.graphs.items():
+        opt = spec.ort_optimized
+        assert (bundle / opt.file).is_file() and opt.source == spec.file, name
+        assert optimized_file(spec, ort.__version__) == opt.file
+        assert optimized_file(spec, "0.0.0") == spec.file  # another ONNX Runtime: the plain graph
 
 
 def test_engines_only_without_tensorrt_is_a_clear_error(bundle):
@@ -159,10 +162,15 @@ def test_bad_inputs_give_one_clear_error(bundle, gallery_inputs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(bundle, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["created"] = "another export"
+    manifest["created"] = "another export"  # the same model exported again: its galleries open
     (other / "manifest.json").write_text(json.dumps(manifest))
-    res = serve("--text", "a red circle", "--bundle", other, "--gallery", gal)
-    assert res.returncode == 1 and "made with another bundle" in res.stderr
+    image = sorted((gallery_inputs / "images").iterdir())[0]  # the gallery holds captions only
+    res = serve(image, "--bundle", other, "--gallery", gal)
+    assert res.returncode == 0, res.stderr
+    manifest["fusion"]["alpha"] += 0.25  # another model
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    res = serve(image, "--bundle", other, "--gallery", gal)
+    assert res.returncode == 1 and "gallery.json: made with another model: its fusion differs" in res.stderr
     broken = tmp_path / "broken"
     shutil.copytree(gal, broken)
     (broken / "gallery.json").write_text('{\n "bundle": "x",\n oops\n}')
@@ -171,10 +179,11 @@ def test_bad_inputs_give_one_clear_error(bundle, gallery_inputs, tmp_path):
 
 
 def test_index_resumes_after_an_interruption(bundle, gallery_inputs, tmp_path):
-    from fbnet.runtime.backends import select_backend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, build_gallery, list_images
-    from fbnet.runtime.retriever import Retriever
+    from fbnet.runtime.engine.backends import select_backend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images
+    from fbnet.runtime.gallery.gallery import Gallery
 
     b = open_bundle(bundle)
     retriever = Retriever(b, select_backend(b, "onnxruntime"))

@@ -2,8 +2,9 @@
 
 import numpy as np
 
-from fbnet.runtime.first_stage import FirstStage
-from fbnet.runtime.search import Searcher, pooled_images, pooled_texts
+from fbnet.runtime.gallery.first_stage import FirstStage
+from fbnet.runtime.gallery.first_stage import pooled_images, pooled_texts
+from fbnet.runtime.search.searcher import Searcher
 
 
 def test_first_stage_is_exact_top_k():

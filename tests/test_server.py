@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from fbnet.preprocess import load_image
-from fbnet.runtime.batching import MicroBatcher, QueueFull
-from fbnet.runtime.server import SearchServer, ServeConfig, listen, uvicorn_server
-from fbnet.runtime.service import ImageQuery, SearchService, TextQuery
+from fbnet.runtime.serving.batching import MicroBatcher, QueueFull
+from fbnet.runtime.serving.server import SearchServer, ServeConfig, listen, uvicorn_server
+from fbnet.runtime.serving.service import ImageQuery, SearchService, TextQuery
 
 
 # -- the batcher ----------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_server_answers_queries_like_the_searcher(live, served, gallery_inputs):
     status, out = call(base + "/search/image?top_k=2&shortlist=0", image.read_bytes())
     assert status == 200 and len(out["results"][0]["hits"]) == 2
     # the upload is ranked as the same image indexed from disk would be
-    from fbnet.runtime.search import Searcher
+    from fbnet.runtime.search.searcher import Searcher
     hits = Searcher(retriever, g.image_features, g.text_features, 0).texts_for(retriever.encode_images([image]), 2)[0]
     assert [h["index"] for h in out["results"][0]["hits"]] == list(hits.index)
 

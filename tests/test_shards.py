@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fbnet.runtime.first_stage import FirstStage
-from fbnet.runtime.shards import ConcatList, ConcatRows, MergedStage
+from fbnet.runtime.gallery.first_stage import FirstStage
+from fbnet.runtime.gallery.shards import ConcatList, ConcatRows, MergedStage
 
 
 def test_concatenated_rows_lists_and_first_stages():
@@ -34,12 +34,14 @@ def test_concatenated_rows_lists_and_first_stages():
 
 
 def test_sharded_gallery_searches_as_one(bundle, gallery_inputs, tmp_path):
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import GalleryError, build_gallery, list_images, open_gallery, read_captions
-    from fbnet.runtime.retriever import Retriever
-    from fbnet.runtime.search import Searcher
-    from fbnet.runtime.shards import ShardedGallery, build_sharded
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.gallery import GalleryError
+    from fbnet.runtime.gallery.shards import ShardedGallery, build_sharded
+    from fbnet.runtime.gallery.shards import open_gallery
+    from fbnet.runtime.search.searcher import Searcher
 
     b = open_bundle(bundle)
     r = Retriever(b, OnnxRuntimeBackend(b))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from fbnet.runtime.stores import CODED, CodedBlocks, StoreError, write_coded
+from fbnet.runtime.gallery.stores import CODED, CodedBlocks, StoreError, write_coded
 
 # largest allowed mean |decoded - original| / |original| of unit vectors (d = 64), per store
 BOUNDS = {"sq8": 0.02, "sq4": 0.15, "residual4": 0.15, "pq": 0.75}
@@ -57,18 +57,19 @@ def test_damaged_store_files_are_named(tmp_path):
 def test_search_through_a_coded_gallery(bundle, gallery_inputs, tmp_path):
     """An sq8 gallery ranks as the float32 one does (top hits), stores fewer bytes, and keeps the
     first stage's vectors plain."""
-    from fbnet.runtime.backends import OnnxRuntimeBackend
-    from fbnet.runtime.bundle import open_bundle
-    from fbnet.runtime.gallery import Gallery, GalleryError, build_gallery, list_images, read_captions
-    from fbnet.runtime.retriever import Retriever
-    from fbnet.runtime.search import Searcher
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
+    from fbnet.runtime.gallery.gallery import Gallery, GalleryError
+    from fbnet.runtime.search.searcher import Searcher
 
     b = open_bundle(bundle)
     r = Retriever(b, OnnxRuntimeBackend(b))
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
     plain = Gallery(build_gallery(r, images, captions, tmp_path / "plain"), b)
     coded = Gallery(build_gallery(r, images, captions, tmp_path / "sq8", store="sq8"), b)
-    assert coded.meta["store"] == "sq8" and not (tmp_path / "sq8" / "images" / "F3.npy").exists()
+    assert coded.meta.store == "sq8" and not (tmp_path / "sq8" / "images" / "F3.npy").exists()
     assert np.load(tmp_path / "sq8" / "images" / "B1.npy").dtype == np.float16
     size = lambda root: sum(p.stat().st_size for p in (root / "images").iterdir())  # noqa: E731
     assert size(tmp_path / "sq8") < size(tmp_path / "plain") / 3
@@ -79,7 +80,7 @@ def test_search_through_a_coded_gallery(bundle, gallery_inputs, tmp_path):
         assert [h.index[0] for h in a] == [h.index[0] for h in c]
         np.testing.assert_allclose([h.score[0] for h in a], [h.score[0] for h in c], atol=0.02)
     meta = json.loads((tmp_path / "sq8" / "gallery.json").read_text())
-    assert meta["coded"]["images"]["F3"]["bytes_per_vector"] == b.model["embed_dim"]
+    assert meta["coded"]["images"]["F3"]["bytes_per_vector"] == b.model.embed_dim
     (tmp_path / "sq8" / "texts" / "F2.codec.faiss").write_bytes(b"\x00" * 10)
     with pytest.raises(GalleryError, match="F2.codec.faiss: corrupt codebook"):
         Gallery(tmp_path / "sq8", b)

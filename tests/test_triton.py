@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fbnet.runtime.bundle import open_bundle
-from fbnet.runtime.service import SearchService, TextQuery
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.serving.service import SearchService, TextQuery
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +42,21 @@ def test_repository_configs_name_the_graphs_real_inputs_and_outputs(repository, 
 
     bundle = open_bundle(served[0].bundle.root)
     types = {"float32": pb.TYPE_FP32, "int64": pb.TYPE_INT64}
-    graphs = bundle.manifest["graphs"]
+    graphs = bundle.manifest.graphs
     assert sorted(p.name for p in repository.iterdir()) == sorted(
         [f"fbnet_{g}" for g in graphs] + ["fbnet_search_image", "fbnet_search_text"])
     for graph, spec in graphs.items():
         cfg = parse(repository / f"fbnet_{graph}" / "config.pbtxt")
         assert cfg.name == f"fbnet_{graph}" and cfg.platform == "onnxruntime_onnx"
         model = repository / f"fbnet_{graph}" / "1" / "model.onnx"
-        assert hashlib.sha256(model.read_bytes()).hexdigest() == bundle.manifest["files"][spec["file"]]
+        assert hashlib.sha256(model.read_bytes()).hexdigest() == bundle.manifest.files[spec.file]
         batched = graph in ("image_encoder", "text_encoder")
         assert cfg.max_batch_size == (16 if batched else 0) and cfg.HasField("dynamic_batching") == batched
-        for declared, real in ((cfg.input, spec["inputs"]), (cfg.output, spec["outputs"])):
-            assert [t.name for t in declared] == [t["name"] for t in real]
+        for declared, real in ((cfg.input, spec.inputs), (cfg.output, spec.outputs)):
+            assert [t.name for t in declared] == [t.name for t in real]
             for t, r in zip(declared, real):
-                dims = [-1 if isinstance(d, str) else d for d in r["shape"]][1 if batched else 0:]
-                assert t.data_type == types[r["dtype"]]
+                dims = [-1 if isinstance(d, str) else d for d in r.shape][1 if batched else 0:]
+                assert t.data_type == types[r.dtype]
                 assert list(t.reshape.shape if t.HasField("reshape") else t.dims) == dims
                 assert list(t.dims) == (dims or [1])
         assert cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_AUTO
@@ -75,7 +75,7 @@ def test_repository_configs_name_the_graphs_real_inputs_and_outputs(repository, 
 
 def test_triton_requests_carry_shortlist_and_nprobe():
     """Optional INT32 inputs, -1 meaning the server's (or the IVF index's) default."""
-    from fbnet.runtime.triton import parse_rows
+    from fbnet.runtime.serving.triton import parse_rows
 
     rows = parse_rows("text", {"text": np.array([[b"a dog"], [b"a cat"], [b"a bird"]], dtype=np.object_),
                                "shortlist": np.array([[-1], [0], [50]], dtype=np.int32),
@@ -107,7 +107,7 @@ def free_ports(n):
 
 @pytest.fixture(scope="module")
 def pytriton_python():
-    from fbnet.runtime.triton_env import TritonEnvError, build
+    from fbnet.runtime.serving.triton_env import TritonEnvError, build
 
     try:
         return build()
@@ -157,7 +157,7 @@ def test_live_triton_answers_as_the_builtin_server(served, gallery_inputs, pytri
         image = sorted((gallery_inputs / "images").iterdir())[1]
         got = ask("image", image.read_bytes(), 3, 0)
         from fbnet.preprocess import load_image
-        from fbnet.runtime.service import ImageQuery
+        from fbnet.runtime.serving.service import ImageQuery
 
         want = builtin.search_images([ImageQuery(load_image(image, retriever.bundle.canvas), 3, 0)])[0]
         assert [h["caption"] for h in got["hits"]] == [h["caption"] for h in want["hits"]]

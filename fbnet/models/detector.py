@@ -4,23 +4,35 @@ F-Net scans the boxes a detector finds (the paper: Faster R-CNN, at most J=9 box
 confidence >= 0.1). Every detector here is a :class:`Detector`: ``forward(images)`` takes
 ``(N, 3, S, S)`` canvases in [0, 1] and returns fixed-size ``boxes (N, J, 4)`` in canvas pixels
 and ``scores (N, J)`` (0 where fewer than J boxes pass the threshold), a form that batches and
-exports. ``fasterrcnn`` is torchvision's ResNet-50 FPN model (COCO weights through the weights
-API or a local state_dict); ``fasterrcnn_light`` is the same architecture on a small trunk that
-:func:`finetune` trains on a dataset's boxes in minutes on a CPU.
+exports.
+
+This is the base module, as torchvision's ``models/detection`` has one: the interface, the
+factory :func:`build_detector`, :func:`detect` and :func:`finetune`. Each detector lives in its
+own module, which imports this one; this one finds them through :data:`DETECTORS` (imported on
+use, like :mod:`fbnet.models.registry` finds models):
+
+* ``fasterrcnn``, ``fasterrcnn_light``: :mod:`fbnet.models.fasterrcnn` (torchvision's ResNet-50
+  FPN model; the same architecture on a small trunk that fine-tunes on a dataset's boxes in
+  minutes on a CPU);
+* ``yolov3_tiny``: :mod:`fbnet.models.yolo` (YOLOv3-tiny from Darknet ``.cfg`` + ``.weights``).
 """
 
 from __future__ import annotations
 
-import math
-import time
+import importlib
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import DetectorConfig
-from .backbone import load_state_dict_file
+
+#: ``model.detector.name`` -> ``module:class`` (imported on use); ``none`` means no detector.
+DETECTORS = {
+    "fasterrcnn": "fbnet.models.fasterrcnn:TorchvisionDetector",
+    "fasterrcnn_light": "fbnet.models.fasterrcnn:TorchvisionDetector",
+    "yolov3_tiny": "fbnet.models.yolo:YoloDetector",
+}
 
 
 class Detector(nn.Module):
@@ -29,13 +41,28 @@ class Detector(nn.Module):
     A detector implements ``detections(image)``: for one ``(3, S, S)`` canvas, every kept box
     ``(P, 4)`` and score ``(P,)`` after non-maximum suppression, sorted by decreasing score.
     ``forward`` and the exported graph (``fbnet.export.graphs.DetectorGraph``) both build on it.
+    :meth:`from_config` builds one from ``model.detector``; :meth:`finetune` trains it on a
+    dataset's boxes where it can be; ``trunk`` is its convolutional body when it has one that
+    ``backbone: detector`` can reuse (else None).
     """
 
     max_boxes: int
     score_threshold: float
+    trunk: nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig, num_classes: int, image_size: int) -> Detector:
+        """The detector ``cfg.name`` for a dataset of ``num_classes`` box classes and ``S = image_size``."""
+        raise NotImplementedError
 
     def detections(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def finetune(self, images: np.ndarray, boxes: list[list[list[float]]], cfg: DetectorConfig,
+                 seed: int = 0) -> list[dict]:
+        """Train on canvases ``(N, 3, S, S)`` and per-image ``[x1, y1, x2, y2, cls]`` boxes; returns
+        per-epoch losses."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be fine-tuned here; give model.detector.weights")
 
     def forward(self, images: torch.Tensor):
         found = [self.detections(image) for image in images]
@@ -54,129 +81,25 @@ class Detector(nn.Module):
         return out_b, out_s
 
 
-class TorchvisionDetector(Detector):
-    """Wraps a torchvision ``GeneralizedRCNN`` (Faster R-CNN)."""
-
-    def __init__(self, model: nn.Module, max_boxes: int = 9, score_threshold: float = 0.1):
-        super().__init__()
-        self.model = model
-        self.max_boxes, self.score_threshold = max_boxes, score_threshold
-
-    def detections(self, image: torch.Tensor):
-        out = self.model([image])[0]
-        return out["boxes"], out["scores"]
-
-    def forward(self, images: torch.Tensor):  # one batched call through the R-CNN
-        out = self.model(list(images))
-        return self.select([o["boxes"] for o in out], [o["scores"] for o in out])
-
-    @property
-    def trunk(self) -> nn.Module:
-        """The convolutional body of the detector's backbone (used as a block encoder)."""
-        return self.model.backbone.body
+def detector_class(name: str) -> type[Detector]:
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r} (known: {', '.join(DETECTORS)}, none)")
+    module, cls = DETECTORS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
-def light_trunk() -> nn.Sequential:
-    """Five conv-BN-ReLU stages to stride 8 with 128 channels: fast enough to train on a CPU."""
-    chans = [(3, 32, 2), (32, 64, 2), (64, 96, 2), (96, 128, 1), (128, 128, 1)]
-    body = nn.Sequential(*[
-        nn.Sequential(nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
-        for i, o, s in chans
-    ])
-    body.out_channels, body.stride = 128, 8
-    return body
-
-
-def build_detector(cfg: DetectorConfig, num_classes: int, image_size: int) -> TorchvisionDetector | None:
+def build_detector(cfg: DetectorConfig, num_classes: int, image_size: int) -> Detector | None:
     """The detector named by ``cfg`` (``None`` for ``name: none``), weights from ``cfg.weights``."""
-    from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.ops import MultiScaleRoIAlign
-
     if cfg.name == "none":
         return None
-    if cfg.name == "yolov3_tiny":
-        from .yolo import build_yolov3_tiny
-
-        return build_yolov3_tiny(cfg, image_size)
-    size = dict(min_size=image_size, max_size=image_size, box_score_thresh=0.0,
-                box_detections_per_img=max(100, cfg.max_boxes))
-    if cfg.name == "fasterrcnn":
-        coco = cfg.weights == "coco"
-        model = fasterrcnn_resnet50_fpn(weights="DEFAULT" if coco else None, weights_backbone=None,
-                                        num_classes=91 if coco or not num_classes else num_classes + 1,
-                                        **size)
-    else:
-        anchors = AnchorGenerator(sizes=((12, 24, 48, 96),), aspect_ratios=((0.5, 1.0, 2.0),))
-        model = FasterRCNN(
-            _Body(light_trunk()), num_classes=max(num_classes, 1) + 1, rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), representation_size=256,
-            rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
-            rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=50, rpn_batch_size_per_image=64,
-            box_batch_size_per_image=64, **size,
-        )
-    if cfg.weights and cfg.weights != "coco":
-        model.load_state_dict(load_state_dict_file(cfg.weights))
-    return TorchvisionDetector(model, cfg.max_boxes, cfg.score_threshold)
+    return detector_class(cfg.name).from_config(cfg, num_classes, image_size)
 
 
-class _Body(nn.Module):
-    """Adapts a single-map trunk to the backbone interface torchvision's detectors expect."""
-
-    def __init__(self, body: nn.Sequential):
-        super().__init__()
-        self.body = body
-        self.out_channels = body.out_channels
-
-    def forward(self, x):
-        return {"0": self.body(x)}
-
-
-def finetune(detector: TorchvisionDetector, images: np.ndarray, boxes: list[list[list[float]]],
-             cfg: DetectorConfig, seed: int = 0) -> list[dict]:
-    """Train ``detector`` on canvases ``images (N, 3, S, S)`` and per-image ``[x1, y1, x2, y2, cls]``.
-
-    SGD with momentum, cosine learning-rate decay, horizontal flips. Returns per-epoch losses.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    model = detector.model
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    steps = cfg.epochs * math.ceil(len(images) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
-    history = []
-    bar = tqdm(total=steps, desc="detector", unit="batch")
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(images), generator=gen).tolist()
-        total, t0 = 0.0, time.time()
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start: start + cfg.batch_size]
-            batch, targets = [], []
-            for i in idx:
-                img = torch.from_numpy(images[i])
-                b = torch.tensor([bb[:4] for bb in boxes[i]], dtype=torch.float32).reshape(-1, 4)
-                lab = torch.tensor([int(bb[4]) + 1 for bb in boxes[i]], dtype=torch.int64)
-                if torch.rand((), generator=gen) < 0.5:
-                    img = img.flip(-1)
-                    w = img.shape[-1]
-                    b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
-                batch.append(img)
-                targets.append({"boxes": b, "labels": lab})
-            losses = model(batch, targets)
-            loss = sum(losses.values())
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        history.append({"epoch": epoch + 1, "loss": total / len(images), "seconds": time.time() - t0})
-    bar.close()
-    model.eval()
-    return history
+def finetune(detector: Detector, images: np.ndarray, boxes: list[list[list[float]]], cfg: DetectorConfig,
+             seed: int = 0) -> list[dict]:
+    """Train ``detector`` on canvases ``images (N, 3, S, S)`` and per-image ``[x1, y1, x2, y2, cls]``
+    (:meth:`Detector.finetune`). Returns per-epoch losses."""
+    return detector.finetune(images, boxes, cfg, seed)
 
 
 @torch.no_grad()

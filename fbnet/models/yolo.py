@@ -26,6 +26,7 @@ from ..config import DetectorConfig
 from .backbone import WeightsError
 from .detector import Detector
 
+
 def parse_cfg(path: str | Path) -> list[dict]:
     """Darknet cfg sections as dicts (``type`` plus the section's keys), in file order."""
     path = Path(path)
@@ -175,6 +176,11 @@ class YoloDetector(Detector):
                  nms_iou: float = 0.45):
         super().__init__()
         self.net, self.max_boxes, self.score_threshold, self.nms_iou = net, max_boxes, score_threshold, nms_iou
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig, num_classes: int, image_size: int) -> YoloDetector:
+        """COCO's 80 classes whatever the dataset's (``num_classes`` is unused): see :func:`build_yolov3_tiny`."""
+        return build_yolov3_tiny(cfg, image_size)
 
     def detections(self, image: torch.Tensor):
         canvas = image.shape[-1]

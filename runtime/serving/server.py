@@ -1,5 +1,5 @@
 """The warm search server: an ASGI app (Starlette) on uvicorn, one micro-batching inference
-worker (:mod:`fbnet.runtime.batching`), Prometheus metrics and a search page.
+worker (:mod:`fbnet.runtime.serving.batching`), Prometheus metrics and a search page.
 
 ::
 
@@ -51,9 +51,9 @@ from starlette.routing import Route
 
 from fbnet.preprocess import MAX_PIXELS, ImageError, ImageTooLarge, load_image
 
+from ..engine.retriever import QueryError
 from .batching import MicroBatcher, QueueFull
 from .metrics import ServerMetrics
-from .retriever import QueryError
 from .service import ImageQuery, SearchService, TextQuery
 
 log = logging.getLogger("fbnet.serve")

@@ -3,7 +3,7 @@
 ::
 
     GALLERY/
-      shards.json            bundle fingerprint, the shards in order, their item counts
+      shards.json            the encoders that made it, the shards in order, their item counts (ShardsMeta)
       shard-00000/           a complete gallery (``gallery.json``, ``images/``, ``texts/``)
       shard-00001/ ...
 
@@ -17,22 +17,21 @@ search returns what one gallery holding the same items returns.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fbnet.jsonfile import read_json
-
-from .bundle import Bundle
+from ..engine.bundle import Bundle
+from ..engine.features import ImageFeatures, TextFeatures
+from ..engine.manifest import GalleryMeta, ShardEntry, ShardsMeta
+from .build import build_gallery, gallery_meta
 from .first_stage import FirstStage
+from .gallery import Gallery, GalleryError
 from .items import list_index
-from .retriever import ImageFeatures, TextFeatures
 from .stores import LazyRows
 
-SHARDS_KIND = "fbnet-gallery-shards"
-SHARDS_FILE = "shards.json"
+SHARDS_FILE = ShardsMeta.FILE
 
 
 class ConcatRows(LazyRows):
@@ -104,26 +103,21 @@ class ConcatList:
 
 
 class ShardedGallery:
-    """The :class:`~fbnet.runtime.gallery.Gallery` interface over the shards listed in ``shards.json``."""
+    """The :class:`~fbnet.runtime.gallery.gallery.Gallery` interface over the shards listed in ``shards.json``."""
 
     def __init__(self, root: str | Path, bundle: Bundle):
-        from .gallery import Gallery, GalleryError
-
         root = Path(root)
         path = root / SHARDS_FILE
-        meta = read_json(path, GalleryError)
-        if meta.get("kind") != SHARDS_KIND:
-            raise GalleryError(f"{path}: not an fbnet shard list")
-        if meta.get("bundle") != bundle.fingerprint:
-            raise GalleryError(f"{path}: made with another bundle; re-run `fbnet-serve-cli index` with this bundle")
+        meta = ShardsMeta.load(path)
+        meta.check_bundle(bundle.identity, bundle.manifest_sha256, path, bundle.root)
         self.root, self.meta = root, meta
         self.shards = []
-        for entry in meta["shards"]:
-            shard = Gallery(root / entry["path"], bundle)
-            if len(shard.images) != entry["images"] or len(shard.captions) != entry["captions"]:
-                raise GalleryError(f"{root / entry['path']}: holds {len(shard.images)} images and "
-                                   f"{len(shard.captions)} captions, {path} lists {entry['images']} and "
-                                   f"{entry['captions']} (a shard from another index job?)")
+        for entry in meta.shards:
+            shard = Gallery(root / entry.path, bundle)
+            if len(shard.images) != entry.images or len(shard.captions) != entry.captions:
+                raise GalleryError(f"{root / entry.path}: holds {len(shard.images)} images and "
+                                   f"{len(shard.captions)} captions, {path} lists {entry.images} and "
+                                   f"{entry.captions} (a shard from another index job?)")
             self.shards.append(shard)
         self.images = ConcatList([s.images for s in self.shards])
         self.captions = ConcatList([s.captions for s in self.shards])
@@ -161,41 +155,33 @@ class ShardJob:
 
 
 def plan_shards(bundle: Bundle, images: list, captions: list[str], out: str | Path, shard_size: int) -> list[ShardJob]:
-    """The shards of ``out`` for these items; a shard whose gallery holds exactly its items (and
-    this bundle's fingerprint) is done, so a resumed job skips it."""
-    from .gallery import gallery_meta
-
+    """The shards of ``out`` for these items; a shard whose gallery holds exactly its items (made by
+    this bundle's encoders) is done, so a resumed job skips it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for i, lo in enumerate(range(0, max(len(images), len(captions), 1), shard_size)):
         part_images, part_captions = images[lo: lo + shard_size], captions[lo: lo + shard_size]
         path, want = out / f"shard-{i:05d}", gallery_meta(bundle, part_images, part_captions, "")
-        done = (path / "gallery.json").is_file() and _same_items(json.loads((path / "gallery.json").read_text()), want)
-        jobs.append(ShardJob(path, part_images, part_captions, done))
+        jobs.append(ShardJob(path, part_images, part_captions, _built(path / GalleryMeta.FILE, want, bundle)))
     return jobs
 
 
 def finish_shards(bundle: Bundle, out: str | Path, jobs: list[ShardJob], shard_size: int) -> Path:
     """Write ``shards.json`` once every shard is built (the last step of an index job)."""
-    from fbnet.atomic import atomic_write_text
-
     out = Path(out)
     missing = [str(j.path) for j in jobs if not (j.path / "gallery.json").is_file()]
     if missing:
         raise RuntimeError(f"shards not built: {', '.join(missing)}")
-    entries = [{"path": j.path.name, "images": len(j.images), "captions": len(j.captions)} for j in jobs]
-    atomic_write_text(out / SHARDS_FILE, json.dumps({"kind": SHARDS_KIND, "bundle": bundle.fingerprint,
-                                                     "shard_size": shard_size, "shards": entries}, indent=1))
+    ShardsMeta([ShardEntry(j.path.name, len(j.images), len(j.captions)) for j in jobs], shard_size,
+               encoders=bundle.identity).save(out / SHARDS_FILE)
     return out
 
 
 def build_sharded(retriever, images: list, captions: list[str], out: str | Path, shard_size: int, **options) -> Path:
     """Index ``images`` and ``captions`` into shards of ``shard_size`` images and captions each, in
     this process (:func:`~fbnet.runtime.gallery.build_gallery` per shard; finished shards are kept
-    on resume). :func:`fbnet.runtime.ray_index.index_on_ray` builds the same shards on a Ray cluster."""
-    from .gallery import build_gallery
-
+    on resume). :func:`fbnet.runtime.gallery.ray_index.index_on_ray` builds the same shards on a Ray cluster."""
     jobs = plan_shards(retriever.bundle, images, captions, out, shard_size)
     for job in jobs:
         if not job.done:
@@ -203,5 +189,17 @@ def build_sharded(retriever, images: list, captions: list[str], out: str | Path,
     return finish_shards(retriever.bundle, out, jobs, shard_size)
 
 
-def _same_items(meta: dict, want: dict) -> bool:
-    return all(meta.get(k) == want[k] for k in ("bundle", "items_sha256"))
+def open_gallery(root: str | Path, bundle: Bundle) -> Gallery | ShardedGallery:
+    """A gallery directory, sharded (``shards.json``) or not."""
+    return ShardedGallery(root, bundle) if (Path(root) / SHARDS_FILE).is_file() else Gallery(root, bundle)
+
+
+def _built(path: Path, want: GalleryMeta, bundle: Bundle) -> bool:
+    """Whether the gallery.json ``path`` holds exactly ``want``'s items, made by this bundle's encoders."""
+    if not path.is_file():
+        return False
+    try:
+        meta = GalleryMeta.load(path)
+    except GalleryError:  # damaged or foreign: build the shard again
+        return False
+    return meta.items_sha256 == want.items_sha256 and not meta.differs_from(bundle.identity, bundle.manifest_sha256)

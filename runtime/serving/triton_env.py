@@ -19,7 +19,7 @@ import sys
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: runtime/serving/triton_env.py
 CONSTRAINTS = ROOT / "constraints-pytriton.txt"
 
 

@@ -6,7 +6,7 @@ for all six branch-level matrices, fused by eq. 7), so its cost grows with the g
 Two-stage search:
 
 1. *First stage*: one pooled, unit-length embedding per image and per caption, ranked by inner
-   product over the whole gallery (:mod:`fbnet.runtime.first_stage`: exact for small galleries,
+   product over the whole gallery (:mod:`fbnet.runtime.gallery.first_stage`: exact for small galleries,
    a FAISS IVF index saved with a large gallery, ``nprobe`` settable per query). The embedding is the level-1 block of the first branch (B-Net: the
    whole image; F-Net: the mean of the box blocks) and the level-1 text window (the whole
    caption). For ``K = M = 1`` eqs. (13)-(15) reduce to ``S_1 = 2 cos(v, e)``, so with B-Net the
@@ -26,36 +26,11 @@ from functools import cached_property
 
 import numpy as np
 
-from .first_stage import FirstStage
-from .retriever import ImageFeatures, Retriever, TextFeatures
+from ..engine.features import ImageFeatures, TextFeatures
+from ..engine.retriever import Retriever
+from ..gallery.first_stage import FirstStage, pooled_images, pooled_texts
 
 DEFAULT_SHORTLIST = 100
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def level1_key(keys: list[str]) -> str:
-    """The key whose vectors the first stage ranks (B-Net's level 1, else F-Net's)."""
-    return "B1" if "B1" in keys else "F1"
-
-
-def pooled_images(feats: ImageFeatures) -> np.ndarray:
-    """First-stage image embeddings ``(N, d)``: the level-1 block(s) of the first branch, averaged
-    over real boxes for F-Net."""
-    key = level1_key(list(feats.blocks))
-    blocks = np.asarray(feats.blocks[key], dtype=np.float32)
-    if key == "B1":
-        return _unit(blocks[:, 0])
-    mask = np.asarray(feats.fg_mask, dtype=np.float32)[:, :, None]
-    return _unit((blocks * mask).sum(axis=1))
-
-
-def pooled_texts(feats: TextFeatures) -> np.ndarray:
-    """First-stage caption embeddings ``(N, d)``: the level-1 text window (the whole caption)."""
-    return _unit(feats.windows[level1_key(list(feats.windows))][:, 0])
 
 
 @dataclass

@@ -16,10 +16,10 @@ import numpy as np
 
 from fbnet.vocab import tokenize
 
-from .backends import OnnxRuntimeBackend
-from .gallery import Gallery
-from .retriever import QueryError, Retriever
-from .search import Searcher, hits_json
+from ..engine.backends import OnnxRuntimeBackend
+from ..engine.retriever import QueryError, Retriever
+from ..gallery.gallery import Gallery
+from ..search.searcher import Searcher, hits_json
 
 
 @dataclass

@@ -28,7 +28,8 @@ import numpy as np
 
 from fbnet.preprocess import MAX_PIXELS, ImageError, load_image
 
-from .retriever import QueryError
+from ..engine.manifest import GraphSpec
+from ..engine.retriever import QueryError
 from .service import ImageQuery, SearchService, TextQuery
 
 GRAPH_MODEL = "fbnet_{graph}"
@@ -37,9 +38,9 @@ SEARCH_INPUTS = {kind: [(kind, "TYPE_STRING", False), ("top_k", "TYPE_INT32", Tr
 SEARCH_OUTPUTS = [("result", "TYPE_STRING", False)]
 
 
-def batch_axis(spec: dict) -> str | None:
+def batch_axis(spec: GraphSpec) -> str | None:
     """The dynamic axis every input and output leads with, if they share one (Triton can batch it)."""
-    firsts = {tuple(t["shape"][:1]) for t in spec["inputs"] + spec["outputs"]}
+    firsts = {tuple(t.shape[:1]) for t in spec.inputs + spec.outputs}
     if len(firsts) == 1:
         (first,) = firsts
         if first and isinstance(first[0], str):
@@ -104,15 +105,15 @@ class BLSBackend:
 
     def __init__(self, bundle, pb_utils, suffix: str = ""):
         self.pb, self.suffix = pb_utils, suffix
-        self.specs = bundle.manifest["graphs"]
+        self.specs = bundle.manifest.graphs
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         spec = self.specs[graph]
         batched = batch_axis(spec) is not None
-        inputs = [self.pb.Tensor(t["name"], np.ascontiguousarray(
-                      feeds[t["name"]].reshape(-1, 1) if batched and len(t["shape"]) == 1 else feeds[t["name"]]))
-                  for t in spec["inputs"]]
-        names = [t["name"] for t in spec["outputs"]]
+        inputs = [self.pb.Tensor(t.name, np.ascontiguousarray(
+                      feeds[t.name].reshape(-1, 1) if batched and len(t.shape) == 1 else feeds[t.name]))
+                  for t in spec.inputs]
+        names = [t.name for t in spec.outputs]
         response = self.pb.InferenceRequest(model_name=GRAPH_MODEL.format(graph=graph) + self.suffix,
                                             requested_output_names=names, inputs=inputs).exec()
         if response.has_error():
@@ -126,9 +127,9 @@ class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415  (only inside Triton)
 
-        from .bundle import open_bundle
-        from .gallery import open_gallery
-        from .retriever import Retriever
+        from ..engine.bundle import open_bundle
+        from ..engine.retriever import Retriever
+        from ..gallery.shards import open_gallery
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}

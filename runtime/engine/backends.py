@@ -17,8 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle
 from .engine_tags import engine_name, gpu_compute_capability
+from .manifest import BundleError, GraphSpec
 
 
 class BackendUnavailable(RuntimeError):
@@ -33,13 +34,13 @@ class Backend(Protocol):
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-def optimized_file(spec: dict, onnxruntime_version: str) -> str:
+def optimized_file(spec: GraphSpec, onnxruntime_version: str) -> str:
     """The file a CPU session should open: the saved optimised graph when it was made from the
     graph's current file by this ONNX Runtime version, else the graph itself."""
-    opt = spec.get("ort_optimized")
-    if opt and opt["source"] == spec["file"] and opt["onnxruntime"] == onnxruntime_version:
-        return opt["file"]
-    return spec["file"]
+    opt = spec.ort_optimized
+    if opt and opt.source == spec.file and opt.onnxruntime == onnxruntime_version:
+        return opt.file
+    return spec.file
 
 
 class OnnxRuntimeBackend:
@@ -71,7 +72,7 @@ class OnnxRuntimeBackend:
             # export's saved optimisations (fbnet.export.ort_optimize) serve CPU sessions of the same
             # ONNX Runtime version; other providers and versions open the plain graph
             cpu = self.providers[0] == "CPUExecutionProvider"
-            fname = optimized_file(spec, self._ort.__version__) if cpu else spec["file"]
+            fname = optimized_file(spec, self._ort.__version__) if cpu else spec.file
             self._sessions[graph] = self._ort.InferenceSession(
                 str(self.bundle.root / fname), opts, providers=self.providers)
         return self._sessions[graph]
@@ -96,7 +97,7 @@ class TensorRTBackend:
         cc = gpu_compute_capability()
         if cc is None:
             raise BackendUnavailable("TensorRT backend needs an NVIDIA GPU; none is visible")
-        files = bundle.manifest.get("engines", {}).get("files", {})
+        files = bundle.manifest.engines.files
         if not files:
             raise BackendUnavailable(f"{bundle.root}: no TensorRT engines; build them with "
                                      f"`fbnet export --engines-only {bundle.root}` on this host")
@@ -165,7 +166,7 @@ def select_backend(bundle: Bundle, name: str = "auto", threads: int | None = Non
     threads = threads if threads is not None else int(os.environ.get("FBNET_THREADS", "0"))
     if name == "tensorrt":
         return TensorRTBackend(bundle)
-    if name == "auto" and bundle.manifest.get("engines", {}).get("files"):
+    if name == "auto" and bundle.manifest.engines.files:
         try:
             return TensorRTBackend(bundle)
         except BackendUnavailable:

@@ -8,17 +8,17 @@ training used), then ``image_encoder`` in batches. Captions: the bundle's vocabu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fbnet.preprocess import load_image
 from fbnet.vocab import tokenize
-from fbnet.windows import REAL_UNIT_MIN_SQNORM, image_block_boxes
+from fbnet.windows import image_block_boxes
 
 from .backends import Backend
 from .bundle import Bundle
+from .features import ImageFeatures, TextFeatures, as_float32, concat_images, real_units
 
 
 class QueryError(ValueError):
@@ -29,68 +29,6 @@ class QueryError(ValueError):
 #: tensors) is worth in padded box slots (image x caption x box): ``benchmarks/retrieval.py
 #: --sections calls`` fitted 19 to 48 over three runs on 2 CPU cores (BENCHMARKS.md, "Scorer calls").
 SCORER_CALL_COST = 48
-
-
-@dataclass
-class ImageFeatures:
-    """Block embeddings per key (``B1`` ... ``F3``): ``(N, K, d)``; F-Net box mask ``(N, J)``."""
-
-    blocks: dict[str, np.ndarray]
-    fg_mask: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.fg_mask)
-
-    def take(self, index) -> "ImageFeatures":
-        return ImageFeatures({k: v[index] for k, v in self.blocks.items()}, self.fg_mask[index])
-
-    def box_groups(self, captions: int = 1, call_cost: int = 0) -> list[tuple[np.ndarray, int]]:
-        """``(rows, box count)`` by ascending box count (real boxes come first in ``fg_mask``): one
-        group per count present, except that a group is merged into the next (its rows padded to
-        that count) while the padded box slots this adds, ``rows x extra boxes x captions``, cost no
-        more than ``call_cost`` (the box slots one scorer call's fixed cost is worth)."""
-        counts = np.asarray(self.fg_mask, dtype=np.float32).sum(axis=1).astype(np.int64)
-        groups: list[tuple[np.ndarray, int]] = []
-        for n in np.unique(counts):
-            rows, boxes = np.flatnonzero(counts == n), max(1, int(n))
-            if groups and len(groups[-1][0]) * (boxes - groups[-1][1]) * captions <= call_cost:
-                rows = np.concatenate([groups.pop()[0], rows])
-            groups.append((rows, boxes))
-        return groups
-
-    def cut_boxes(self, n: int) -> "ImageFeatures":
-        """The first ``n`` box slots only: F-Net level u keeps ``n u**2`` blocks."""
-        return ImageFeatures({k: v[:, : box_width(k, n)] for k, v in self.blocks.items()}, self.fg_mask[:, :n])
-
-    def group_feeds(self, rows, n: int) -> dict[str, np.ndarray]:
-        """The scorer's image inputs for ``rows`` cut to ``n`` box slots, float32: each array is
-        gathered once, its padded slots past ``n`` never copied."""
-        return {"fg_mask": as_float32(self.fg_mask[rows, :n]),
-                **{f"blocks_{k}": as_float32(v[rows, : box_width(k, n)]) for k, v in self.blocks.items()}}
-
-
-def box_width(key: str, n: int) -> int | None:
-    """Units of ``key`` that ``n`` box slots hold: ``n u**2`` for F-Net level u, all (None) for B-Net."""
-    return n * int(key[1:]) ** 2 if key.startswith("F") else None
-
-
-def as_float32(a) -> np.ndarray:
-    """``a`` as a contiguous float32 array (no copy if it already is one): what the graphs take."""
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-@dataclass
-class TextFeatures:
-    """Text-window embeddings per key: ``(N, u**2, d)`` (FB-Net), or word embeddings ``(N, L, d)``
-    for a region-word model's word keys, zero past each caption's words."""
-
-    windows: dict[str, np.ndarray]
-
-    def __len__(self) -> int:
-        return len(next(iter(self.windows.values())))
-
-    def take(self, index) -> "TextFeatures":
-        return TextFeatures({k: v[index] for k, v in self.windows.items()})
 
 
 class Retriever:
@@ -105,16 +43,16 @@ class Retriever:
         self.call_cost = call_cost
         self.keys = bundle.keys
         m = bundle.model
-        self.levels, self.max_boxes, self.max_words = m["levels"], m["max_boxes"], m["max_words"]
+        self.levels, self.max_boxes, self.max_words = m.levels, m.max_boxes, m.max_words
         #: keys whose text units are words: padded to ``max_words`` so every caption's array has one shape
-        self.word_keys = set(m.get("word_keys", ()))
+        self.word_keys = set(m.word_keys)
         #: windows M of the largest key (level 3)
         self.max_windows = self.levels ** 2
         #: each graph's inputs: a model without F-Net keys has no ``fg_mask`` in its scorer
-        self.inputs = {name: {i["name"] for i in spec["inputs"]} for name, spec in bundle.manifest["graphs"].items()}
-        fg = next((i for i in bundle.graph("scorer")["inputs"] if i["name"] == "fg_mask"), None)
+        self.inputs = {name: {i.name for i in spec.inputs} for name, spec in bundle.manifest.graphs.items()}
+        fg = bundle.graph("scorer").input("fg_mask")
         #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
-        self.dynamic_boxes = fg is not None and isinstance(fg["shape"][1], str) and "F1" in self.keys
+        self.dynamic_boxes = fg is not None and isinstance(fg.shape[1], str) and "F1" in self.keys
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run ``graph`` on the feeds it declares (the others are dropped)."""
@@ -198,17 +136,7 @@ def pad_words(words: np.ndarray, length: int) -> np.ndarray:
     return np.pad(words, ((0, 0), (0, length - words.shape[1]), (0, 0))) if words.shape[1] < length else words
 
 
-def real_units(units: np.ndarray) -> np.ndarray:
-    """Units per row that are real (unit vectors; padding is zeros, always last): ``(N,)``."""
-    return (np.einsum("nkd,nkd->nk", units, units) > REAL_UNIT_MIN_SQNORM).sum(axis=1)
-
-
 def cut_words(words: np.ndarray) -> np.ndarray:
     """Word units cut to the longest caption among these rows (the rest is padding for all)."""
     words = np.asarray(words)
     return words[:, : max(1, int(real_units(words).max()))] if len(words) else words
-
-
-def concat_images(parts: list[ImageFeatures]) -> ImageFeatures:
-    return ImageFeatures({k: np.concatenate([p.blocks[k] for p in parts]) for k in parts[0].blocks},
-                         np.concatenate([p.fg_mask for p in parts]))

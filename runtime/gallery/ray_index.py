@@ -1,10 +1,10 @@
 """Distributed indexing on Ray (``fbnet-serve-cli index --ray [ADDRESS]``).
 
-The gallery is planned as shards (:func:`fbnet.runtime.shards.plan_shards`, the same shards
+The gallery is planned as shards (:func:`fbnet.runtime.gallery.shards.plan_shards`, the same shards
 single-process ``index --shard-size`` writes). The shards not yet built become a Ray Data dataset
 of jobs, mapped by a pool of actors (``map_batches`` with a callable class and ``concurrency``):
 each actor opens the bundle once, with its own ONNX Runtime (or TensorRT) sessions, and builds
-whole shards with :func:`~fbnet.runtime.gallery.build_gallery`, each written under
+whole shards with :func:`~fbnet.runtime.gallery.build.build_gallery`, each written under
 ``<shard>.partial`` and renamed into place when complete. An interrupted job therefore resumes
 shard by shard; ``shards.json`` is written last, by the driver.
 
@@ -17,22 +17,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..engine.backends import OnnxRuntimeBackend, select_backend
+from ..engine.bundle import open_bundle
+from ..engine.retriever import Retriever
+from .build import build_gallery
+from .shards import finish_shards, plan_shards
+
 
 class ShardBuilder:
     """A Ray actor's state: one bundle, one backend, shard after shard."""
 
     def __init__(self, bundle_dir: str, backend: str, threads: int, options: dict):
-        from .backends import OnnxRuntimeBackend, select_backend
-        from .bundle import open_bundle
-        from .retriever import Retriever
-
         bundle = open_bundle(bundle_dir)
         chosen = OnnxRuntimeBackend(bundle, threads=threads) if backend == "onnxruntime" else select_backend(bundle, backend)
         self.retriever, self.options = Retriever(bundle, chosen), options
 
     def __call__(self, batch: dict) -> dict:
-        from .gallery import build_gallery
-
         os.environ.setdefault("TQDM_DISABLE", "1")
         for path, images, captions in zip(batch["path"], batch["images"], batch["captions"]):
             build_gallery(self.retriever, list(images), list(captions), Path(path), **self.options)
@@ -47,9 +47,6 @@ def index_on_ray(bundle_dir: str | Path, images: list, captions: list[str], out:
     (stopped again at the end). ``gpus_per_worker`` > 0 places actors on GPUs (TensorRT or
     ONNX Runtime's CUDA provider)."""
     import ray
-
-    from .bundle import open_bundle
-    from .shards import finish_shards, plan_shards
 
     bundle = open_bundle(bundle_dir)
     jobs = plan_shards(bundle, [str(p) for p in images], captions, out, shard_size)

@@ -24,11 +24,39 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.features import ImageFeatures, TextFeatures
+
 #: Below this many vectors the first stage is exact (one matrix product is fast enough).
 FLAT_LIMIT = 100_000
 #: Inverted lists visited per query unless a query says otherwise.
 DEFAULT_NPROBE = 32
 INDEX_FILE = "first_stage.faiss"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def level1_key(keys: list[str]) -> str:
+    """The key whose vectors the first stage ranks (B-Net's level 1, else F-Net's)."""
+    return "B1" if "B1" in keys else "F1"
+
+
+def pooled_images(feats: ImageFeatures) -> np.ndarray:
+    """First-stage image embeddings ``(N, d)``: the level-1 block(s) of the first branch, averaged
+    over real boxes for F-Net."""
+    key = level1_key(list(feats.blocks))
+    blocks = np.asarray(feats.blocks[key], dtype=np.float32)
+    if key == "B1":
+        return _unit(blocks[:, 0])
+    mask = np.asarray(feats.fg_mask, dtype=np.float32)[:, :, None]
+    return _unit((blocks * mask).sum(axis=1))
+
+
+def pooled_texts(feats: TextFeatures) -> np.ndarray:
+    """First-stage caption embeddings ``(N, d)``: the level-1 text window (the whole caption)."""
+    return _unit(feats.windows[level1_key(list(feats.windows))][:, 0])
 
 
 class FirstStageError(ValueError):

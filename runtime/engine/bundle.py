@@ -1,43 +1,47 @@
-"""Opening an exported bundle: manifest, format version, sha256 of every file, vocabulary."""
+"""Opening an exported bundle: manifest (format version checked), sha256 of every file, vocabulary."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-from fbnet import FORMAT_VERSION
-from fbnet.jsonfile import read_json
 from fbnet.vocab import Vocabulary
 
+from .manifest import BundleError, GraphSpec, Manifest, ModelSpec, identity
 
-class BundleError(ValueError):
-    """A bundle is missing, altered or from another format version; the message names the file."""
+__all__ = ["Bundle", "BundleError", "open_bundle", "sha256"]
 
 
 @dataclass
 class Bundle:
     root: Path
-    manifest: dict
+    manifest: Manifest
     vocab: Vocabulary
-    #: sha256 of manifest.json: what a gallery records to prove which bundle made it.
-    fingerprint: str
+    #: sha256 of manifest.json (what galleries of format 1 recorded to prove which bundle made them)
+    manifest_sha256: str
 
     @property
-    def model(self) -> dict:
-        return self.manifest["model"]
+    def model(self) -> ModelSpec:
+        return self.manifest.model
 
     @property
     def canvas(self) -> int:
-        return int(self.manifest["preprocess"]["canvas"])
+        return self.manifest.canvas
 
     @property
     def keys(self) -> list[str]:
-        return list(self.model["keys"])
+        return list(self.model.keys)
 
-    def graph(self, name: str) -> dict | None:
-        return self.manifest["graphs"].get(name)
+    def graph(self, name: str) -> GraphSpec | None:
+        return self.manifest.graphs.get(name)
+
+    @cached_property
+    def identity(self) -> dict[str, str]:
+        """What a gallery records to prove these encoders made it (:func:`~.manifest.identity`)."""
+        return identity(self.manifest)
 
 
 def sha256(path: Path) -> str:
@@ -51,19 +55,14 @@ def sha256(path: Path) -> str:
 
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     root = Path(path)
-    manifest_path = root / "manifest.json"
+    manifest_path = root / Manifest.FILE
     if not root.is_dir():
         raise BundleError(f"{root}: bundle directory not found")
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing; is {root} a bundle written by `fbnet export`?")
-    manifest = read_json(manifest_path, BundleError)
-    if manifest.get("kind") != "fbnet-bundle":
-        raise BundleError(f"{manifest_path}: not an fbnet bundle manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: bundle format {manifest.get('format_version')}, this runtime reads "
-                          f"{FORMAT_VERSION}; re-export with this fbnet version")
+    manifest = Manifest.load(manifest_path)
     if verify:
-        for name, digest in manifest["files"].items():
+        for name, digest in manifest.files.items():
             f = root / name
             if not f.is_file():
                 raise BundleError(f"{f}: missing from the bundle (listed in manifest.json)")
