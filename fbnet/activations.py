@@ -14,9 +14,10 @@ block covers the same content). Training samples one view per image and step; ev
 ``identity``.
 
 A split's cache is a directory (``lower.npy``, ``blocks.npy``, ``mask.npy``, ``key``), filled in
-place batch by batch (an interrupted extraction resumes) and renamed into place when complete. Its key hashes the frozen part's and the detector's weights (bytes, not a summary),
-the settings that change the maps and the images, so a cache made with another backbone state is
-never reused: it is rebuilt.
+place batch by batch (an interrupted extraction resumes) and renamed into place when complete.
+Its key hashes the frozen part's and the detector's weights (bytes, not a summary), the settings
+that change the maps and the images, so a cache made with another backbone state is never
+reused: it is rebuilt.
 """
 
 from __future__ import annotations

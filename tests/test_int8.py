@@ -4,7 +4,6 @@ and its parity report."""
 import json
 import shutil
 
-import numpy as np
 import onnx
 from click.testing import CliRunner
 

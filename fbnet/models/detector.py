@@ -8,8 +8,8 @@ exports.
 
 This is the base module, as torchvision's ``models/detection`` has one: the interface, the
 factory :func:`build_detector`, :func:`detect` and :func:`finetune`. Each detector lives in its
-own module, which imports this one; this one finds them through :data:`DETECTORS` (imported on
-use, like :mod:`fbnet.models.registry` finds models):
+own module, which imports this one; this one finds them through the registry
+(:data:`fbnet.models.registry.DETECTORS`, imported on use):
 
 * ``fasterrcnn``, ``fasterrcnn_light``: :mod:`fbnet.models.fasterrcnn` (torchvision's ResNet-50
   FPN model; the same architecture on a small trunk that fine-tunes on a dataset's boxes in
@@ -19,20 +19,12 @@ use, like :mod:`fbnet.models.registry` finds models):
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import torch
 from torch import nn
 
 from ..config import DetectorConfig
-
-#: ``model.detector.name`` -> ``module:class`` (imported on use); ``none`` means no detector.
-DETECTORS = {
-    "fasterrcnn": "fbnet.models.fasterrcnn:TorchvisionDetector",
-    "fasterrcnn_light": "fbnet.models.fasterrcnn:TorchvisionDetector",
-    "yolov3_tiny": "fbnet.models.yolo:YoloDetector",
-}
+from .registry import DETECTORS, resolve
 
 
 class Detector(nn.Module):
@@ -82,10 +74,8 @@ class Detector(nn.Module):
 
 
 def detector_class(name: str) -> type[Detector]:
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r} (known: {', '.join(DETECTORS)}, none)")
-    module, cls = DETECTORS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    """The detector class ``name`` names in :data:`fbnet.models.registry.DETECTORS`."""
+    return resolve(DETECTORS, name, "detector")
 
 
 def build_detector(cfg: DetectorConfig, num_classes: int, image_size: int) -> Detector | None:

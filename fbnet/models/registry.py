@@ -27,12 +27,12 @@ MODELS = {
 #: ``model.backbone.name`` -> the block feature size it gives (:mod:`fbnet.models.backbone`).
 BACKBONES = {"alexnet": 4096, "mobilenet_v2": 1280, "resnet18": 512, "detector": 512}
 
-#: ``model.detector.name`` -> ``module:builder`` (:mod:`fbnet.models.detector`); ``none`` = the
-#: whole image as the only box.
+#: ``model.detector.name`` -> ``module:class`` (a :class:`fbnet.models.detector.Detector` with
+#: ``from_config``); ``none`` = no detector, the whole image as the only box.
 DETECTORS = {
-    "fasterrcnn": "fbnet.models.detector:build_fasterrcnn",
-    "fasterrcnn_light": "fbnet.models.detector:build_fasterrcnn",
-    "yolov3_tiny": "fbnet.models.yolo:build_yolov3_tiny",
+    "fasterrcnn": "fbnet.models.fasterrcnn:TorchvisionDetector",
+    "fasterrcnn_light": "fbnet.models.fasterrcnn:TorchvisionDetector",
+    "yolov3_tiny": "fbnet.models.yolo:YoloDetector",
     "none": None,
 }
 
