@@ -181,6 +181,16 @@ def ensemble_cmd(checkpoints, out, data_dir, grid):
     click.echo(f"wrote {out}")
 
 
+@main.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+def info_cmd(path):
+    """What a checkpoint, ensemble file, bundle or gallery holds: model, shapes, metrics, fusion
+    weights, store, item counts and whether its files still match their sha256."""
+    from .info import describe
+
+    click.echo("\n".join(describe(path)))
+
+
 @main.command("export")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="bundle directory")

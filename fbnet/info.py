@@ -7,29 +7,21 @@ still has the sha256 its manifest recorded.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .errors import FbnetError
+from .runtime.engine.bundle import sha256
 
 
 class InfoError(FbnetError):
     """The path is none of the things ``fbnet info`` describes."""
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def describe(path: str | Path) -> list[str]:
     path = Path(path)
     if path.is_dir() and (path / "manifest.json").is_file():
         return describe_bundle(path)
-    if path.is_dir() and (path / "gallery.json").is_file():
+    if path.is_dir() and ((path / "gallery.json").is_file() or (path / "shards.json").is_file()):
         return describe_gallery(path)
     from .ensemble import is_ensemble
 
@@ -37,7 +29,8 @@ def describe(path: str | Path) -> list[str]:
         return describe_ensemble(path)
     if path.is_file():
         return describe_checkpoint(path)
-    raise InfoError(f"{path}: not a checkpoint, ensemble file, bundle (manifest.json) or gallery (gallery.json)")
+    raise InfoError(f"{path}: not a checkpoint, ensemble file, bundle (manifest.json) or gallery "
+                    "(gallery.json or shards.json)")
 
 
 def _metrics(m: dict | None) -> str:
@@ -85,9 +78,51 @@ def describe_ensemble(path: Path) -> list[str]:
     return lines
 
 
+def _shape(spec) -> str:
+    return f"{spec.name} {spec.dtype}[{', '.join(str(d) for d in spec.shape)}]"
+
+
 def describe_bundle(path: Path) -> list[str]:
-    raise NotImplementedError
+    from .runtime.engine.manifest import Manifest
+
+    m = Manifest.load(path / Manifest.FILE)
+    model = m.model
+    lines = [f"{path}: fbnet bundle (format {m.format_version}, exported {m.created}, {m.precision}, opset {m.opset})",
+             f"model: {model.name}, d={model.embed_dim}, levels {model.levels}, keys {' '.join(model.keys)}, "
+             f"J={model.max_boxes}, max words {model.max_words}",
+             f"canvas: {m.canvas} px; fusion weights: {', '.join(f'{k} {v}' for k, v in m.fusion.items())}",
+             f"validation: {_metrics(m.validation_metrics)}"]
+    for name, spec in m.graphs.items():
+        lines.append(f"graph {name}: {spec.file}; in {'; '.join(map(_shape, spec.inputs))}; "
+                     f"out {'; '.join(map(_shape, spec.outputs))}")
+    if m.quantization:
+        lines.append(f"int8: {', '.join(m.quantization.get('graphs', []))}")
+    lines.append(f"engines: {m.engines.status}" + (f" ({', '.join(m.engines.files)})" if m.engines.files else ""))
+    states = {name: ("missing" if not (path / name).is_file() else
+                     "ok" if sha256(path / name) == digest else "altered") for name, digest in m.files.items()}
+    bad = [f"{n} {st}" for n, st in states.items() if st != "ok"]
+    lines.append(f"sha256: {len(states) - len(bad)} of {len(states)} files as exported"
+                 + (f"; {', '.join(bad)}" if bad else ""))
+    if m.source_checkpoint:
+        lines.append(f"checkpoint: {m.source_checkpoint.get('path')}")
+    return lines
 
 
 def describe_gallery(path: Path) -> list[str]:
-    raise NotImplementedError
+    from .runtime.engine.manifest import GalleryMeta, ShardsMeta
+
+    if (path / ShardsMeta.FILE).is_file():
+        meta = ShardsMeta.load(path / ShardsMeta.FILE)
+        images, captions = sum(s.images for s in meta.shards), sum(s.captions for s in meta.shards)
+        head = (f"{path}: sharded fbnet gallery, {len(meta.shards)} shards of up to {meta.shard_size}; "
+                f"{images} images, {captions} captions")
+        lines = [head] + [f"shard {s.path}: {s.images} images, {s.captions} captions" for s in meta.shards]
+    else:
+        meta = GalleryMeta.load(path / GalleryMeta.FILE)
+        lines = [f"{path}: fbnet gallery, {meta.n_images} images, {meta.n_captions} captions",
+                 f"store: {meta.store} (arrays {meta.dtype}); keys {' '.join(meta.keys)}",
+                 f"first stage: {', '.join(f'{k} {v}' for k, v in meta.first_stage.items()) or 'exact, built on load'}"]
+    lines.append(f"format {meta.format_version}; made by encoders "
+                 + (", ".join(f"{k} {v[:12]}" for k, v in meta.encoders.items()) if meta.encoders
+                    else f"of the bundle whose manifest.json has sha256 {meta.bundle}"))
+    return lines
