@@ -9,7 +9,6 @@ and losses are the keys of the registries in :mod:`fbnet.models.registry`, which
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +22,7 @@ from pydantic import (
 )
 
 from .errors import FbnetError
+from .jsonfile import read_mapping
 from .models.registry import BACKBONES, DETECTORS, LOSSES, MODELS
 
 
@@ -239,21 +239,7 @@ class FBNetConfig(_Section):
 
     @classmethod
     def load(cls, path: str | Path) -> "FBNetConfig":
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-        try:
-            if path.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except Exception as exc:  # yaml and json both say where
-            raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'yaml'}: {exc}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_mapping(path, ConfigError, "config"), str(path))
 
     def validate(self) -> None:  # noqa: D102  (values set after loading, e.g. --epochs, checked again)
         type(self).from_dict(self.to_dict(), "config")

@@ -27,6 +27,7 @@ import numpy as np
 from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, load_checkpoint
 from .errors import FbnetError
+from .jsonfile import read_mapping
 from .metrics import retrieval_report
 
 KIND = "fbnet-ensemble"
@@ -62,16 +63,7 @@ def load_ensemble(path: str | Path) -> Ensemble:
     """Read and check an ensemble file: every member an fbnet checkpoint with a positive weight,
     all on one canvas size. Errors name the file and the member at fault."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise EnsembleError(f"{path}: cannot read ensemble file: {exc.strerror}") from None
-    try:
-        import yaml
-
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except Exception as exc:  # json and yaml both say where
-        raise EnsembleError(f"{path}: not valid {path.suffix.lstrip('.')}: {exc}") from None
+    data = read_mapping(path, EnsembleError, "ensemble file")
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise EnsembleError(f"{path}: not an fbnet ensemble (needs 'kind: {KIND}')")
     rows = data.get("members")
