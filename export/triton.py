@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 
 from fbnet.atomic import atomic_dir
+from fbnet.errors import FbnetError
 from fbnet.runtime.engine.bundle import open_bundle
 from fbnet.runtime.engine.manifest import GraphSpec, TensorSpec
 from fbnet.runtime.serving.triton import GRAPH_MODEL, SEARCH_INPUTS, SEARCH_OUTPUTS, batch_axis
@@ -39,7 +40,7 @@ MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fb
            "from fbnet.runtime.serving.triton import TritonPythonModel  # noqa: F401\n"
 
 
-class TritonExportError(ValueError):
+class TritonExportError(FbnetError, ValueError):
     """The bundle cannot be written as a Triton model repository; the message says why."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from fbnet import FORMAT_VERSION
 from fbnet.atomic import atomic_write_text
+from fbnet.errors import FbnetError
 from fbnet.jsonfile import read_json
 
 BUNDLE_KIND = "fbnet-bundle"
@@ -42,12 +43,16 @@ LEGACY_GALLERY_FORMAT = 1
 ENCODER_GRAPHS = ("detector", "image_encoder", "text_encoder")
 
 
-class BundleError(ValueError):
+class BundleError(FbnetError, ValueError):
     """A bundle is missing, altered or from another format version; the message names the file."""
 
+    http_status = 500  # the server's own files
 
-class GalleryError(ValueError):
+
+class GalleryError(FbnetError, ValueError):
     """A gallery is missing, incomplete or made with another bundle."""
+
+    http_status = 500  # the server's own files
 
 
 class _Record:
