@@ -226,25 +226,27 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--max-batch", default=64, show_default=True, help="Triton dynamic batcher's max_batch_size")
 @click.option("--max-wait-us", default=0, show_default=True, help="its max_queue_delay_microseconds")
+@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, help="declared image pixels before a 400")
 @RERANK_LANES
 @click.option("--log-file", type=click.Path(), help="Triton's own log (default: standard output)")
 def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,
-               max_wait_us, rerank_lanes, log_file):
-    """Serve the search through Triton Inference Server (PyTriton; see `triton-env`)."""
+               max_wait_us, max_pixels, rerank_lanes, log_file):
+    """Serve the search through Triton Inference Server (PyTriton's server; see `triton-env`)."""
     import signal
     import threading
 
-    from .serving.triton import serve_pytriton
+    from .serving.triton import serve_triton
 
-    retriever = _retriever(bundle, backend)
-    service = SearchService(retriever, open_gallery(gallery, retriever.bundle), shortlist, rerank_lanes)
-    service.warm()
+    retriever = _retriever(bundle, backend)  # a bad bundle, gallery or backend fails here, in one line
+    open_gallery(gallery, retriever.bundle)
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
-    triton = serve_pytriton(service, host, http_port, grpc_port, metrics_port, max_batch, max_wait_us, log_file)
+    triton = serve_triton(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,
+                          max_wait_us, rerank_lanes, log_file, max_pixels)
     click.echo(f"Triton serving fbnet_search_text and fbnet_search_image on http://{host}:{http_port} "
-               f"(gRPC {grpc_port}, metrics {metrics_port}); SIGTERM or Ctrl-C stops", err=True)
+               f"(gRPC {grpc_port}, metrics {metrics_port}) with {retriever.backend.name}; ready "
+               "(GET /v2/health/ready); SIGTERM or Ctrl-C stops", err=True)
     try:
         stop.wait()
     finally:
