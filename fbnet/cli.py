@@ -91,14 +91,10 @@ def default_dataset(seed: int = 0) -> Path:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="run directory [default: runs/<dataset name>]")
 @click.option("--resume", is_flag=True, help="continue the interrupted run in --out")
-@click.option("--epochs", type=int, help="override train.epochs")
+@click.option("--epochs", type=click.IntRange(min=1), help="override train.epochs")
 @click.option("--word-vectors", type=click.Path(dir_okay=False), help="word2vec binary or GloVe text")
 def train(data_dir, config, out, resume, epochs, word_vectors):
     """Train FB-Net; prints validation MAP per epoch and the test metrics at the end."""
-    from .data.manifest import load_dataset
-    from .evaluate import evaluate, format_report
-    from .train import train as run_train
-
     if resume:
         # a resumed run keeps its own config and dataset (only --epochs may change)
         from .checkpoint import load_checkpoint
@@ -120,6 +116,11 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
         cfg.train.epochs = epochs
     if word_vectors:
         cfg.data.word_vectors = word_vectors
+    # torch is imported from here on: a bad config fails above, in a fraction of a second
+    from .data.manifest import load_dataset
+    from .evaluate import evaluate, format_report
+    from .train import train as run_train
+
     root = data_dir or (Path(cfg.data.root) if cfg.data.root else default_dataset(cfg.train.seed))
     dataset = load_dataset(root)
     out = out or Path("runs") / dataset.name

@@ -1,17 +1,19 @@
 """A bound on the size of a request's head (request line and headers), whichever HTTP parser
-uvicorn runs: a head over ``limit`` bytes is answered 431 with a JSON error and the connection
-closed.
+uvicorn runs: a head over ``limit`` bytes is answered 431 with a JSON error.
 
-uvicorn bounds the head only with its h11 parser (``h11_max_incomplete_event_size``, answered with
-a plain-text 400); its httptools parser, which ``--http auto`` picks when httptools is installed,
-takes any size (a 200 KB header was answered 200). :func:`bounded_protocol` returns uvicorn's
-protocol for the parser, subclassed:
+uvicorn bounds the head only with its h11 parser, and only the part that has not yet arrived
+whole (``h11_max_incomplete_event_size``, answered with a plain-text 400); its httptools parser,
+which ``--http auto`` picks when httptools is installed, takes any size (a 200 KB header was
+answered 200). Two checks together bound it exactly and bound what a connection can make the
+server hold:
 
-* h11: h11 stops at the limit; the 400 it leads to becomes the 431 here.
-* httptools: the URL and every complete header are counted as they are parsed; a head that keeps
-  arriving without completing (one endless header) is counted by the chunks that lie wholly
-  inside it. Both counts are at most the head's true size, so a head within the limit is never
-  refused, and one over it is refused before more than ``limit`` + one read of it is held.
+* :func:`head_bytes` measures every parsed head; the server's outermost middleware answers 431 to
+  one over the limit before any route runs.
+* :func:`bounded_protocol` returns uvicorn's protocol for the parser, subclassed so that a head
+  still arriving is refused (431, connection closed) once it is over the limit: h11 stops there
+  itself, and its 400 becomes the 431 here; for httptools the chunks that arrive wholly inside an
+  unfinished head are counted (at most the head's true size, so a head within the limit is never
+  refused). Either way the server holds at most the limit plus one read of a head.
 
 The limit travels in uvicorn's ``Config.h11_max_incomplete_event_size``.
 """
@@ -27,9 +29,19 @@ log = logging.getLogger("fbnet.serve")
 MAX_HEADER_BYTES = 16 * 1024
 
 
+def head_error(limit: int) -> str:
+    return f"request line and headers are over the {limit:,}-byte limit"
+
+
+def head_bytes(scope: dict) -> int:
+    """Bytes of an HTTP request's head as parsed (method, target, version, each header line)."""
+    target = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b"")) + 1
+    return len(scope["method"]) + target + 11 + sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + 2
+
+
 def too_large(limit: int) -> bytes:
     """The whole 431 answer, as bytes on the wire."""
-    body = json.dumps({"error": f"request line and headers are over the {limit:,}-byte limit"}).encode()
+    body = json.dumps({"error": head_error(limit)}).encode()
     return (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)) + body
 
@@ -57,10 +69,6 @@ def _bounded_h11():
     return BoundedH11
 
 
-class _HeadTooLarge(Exception):
-    """Raised in a parser callback; httptools turns it into an ``HttpParserError``."""
-
-
 @functools.cache
 def _bounded_httptools():
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -68,27 +76,11 @@ def _bounded_httptools():
     class BoundedHttpTools(HttpToolsProtocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._limit = self.config.h11_max_incomplete_event_size
-            self._in_head, self._began, self._too_large = True, False, False
-            self._parsed = self._arrived = 0  # the current head's bytes: parsed fields, whole chunks
+            self._in_head, self._began, self._arrived = True, False, 0
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._in_head, self._began, self._parsed, self._arrived = True, True, 0, 0
-
-        def _count(self, n: int) -> None:
-            self._parsed += n
-            if self._parsed > self._limit:
-                self._too_large = True
-                raise _HeadTooLarge
-
-        def on_url(self, url: bytes) -> None:
-            self._count(len(url))
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._count(len(name) + len(value) + 4)
-            super().on_header(name, value)
+            self._in_head, self._began, self._arrived = True, True, 0
 
         def on_headers_complete(self) -> None:
             self._in_head = False
@@ -97,18 +89,11 @@ def _bounded_httptools():
         def data_received(self, data: bytes) -> None:
             self._began = False
             super().data_received(data)
-            # the head began before this chunk and is still incomplete: the chunk is all head
-            if self._in_head and not self._began and not self._too_large and not self.transport.is_closing():
+            # the head began before this chunk and is still unfinished: the chunk is all head
+            if self._in_head and not self._began and not self.transport.is_closing():
                 self._arrived += len(data)
-                if self._arrived > self._limit:
-                    self._too_large = True
+                if self._arrived > self.config.h11_max_incomplete_event_size:
                     _refuse(self)
-
-        def send_400_response(self, msg: str) -> None:
-            if self._too_large:
-                _refuse(self)
-            else:
-                super().send_400_response(msg)
 
     return BoundedHttpTools
 

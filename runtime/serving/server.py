@@ -56,7 +56,7 @@ from fbnet.errors import FbnetError
 from fbnet.preprocess import MAX_PIXELS, load_image
 
 from .batching import MicroBatcher
-from .http_limits import MAX_HEADER_BYTES, bounded_protocol
+from .http_limits import MAX_HEADER_BYTES, bounded_protocol, head_bytes, head_error
 from .metrics import ServerMetrics
 from .service import ImageQuery, SearchService, TextQuery
 
@@ -285,7 +285,11 @@ class _Observed:
             await send(message)
 
         try:
-            await self.app(scope, receive, tracked_send)
+            limit = self.server.config.max_header_bytes
+            if head_bytes(scope) > limit:  # before any route (a head still arriving: http_limits)
+                await JSONResponse({"error": head_error(limit)}, 431)(scope, receive, tracked_send)
+            else:
+                await self.app(scope, receive, tracked_send)
         except Exception as exc:  # noqa: BLE001  (Starlette re-raises what it answered as a 500)
             if not started:  # failed outside Starlette's handlers: answer here
                 response = _internal_error(Request(scope), exc)
