@@ -97,14 +97,14 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
     """Train FB-Net; prints validation MAP per epoch and the test metrics at the end."""
     if resume:
         # a resumed run keeps its own config and dataset (only --epochs may change)
-        from .checkpoint import load_checkpoint
-
         if out is None:
             raise click.UsageError("--resume needs --out, the run directory to continue")
         if word_vectors:
             raise ConfigError(f"{out / 'last.pt'}: --word-vectors cannot change a resumed run: its word embeddings "
                               "were initialised at the start and have been trained since; start a new run "
                               "(another --out) to use other vectors")
+        from .checkpoint import load_checkpoint
+
         state = load_checkpoint(out / "last.pt")
         cfg = FBNetConfig.from_dict(state["config"], str(out / "last.pt"))
         data_dir = data_dir or Path(state["data_root"])

@@ -9,9 +9,9 @@ The bundle and galleries come from a tiny model trained for one epoch on 40 synt
 
 import json
 import os
-import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +145,24 @@ def test_damaged_gallery_json(tiny, tmp_path):
           names=("gallery.json", "invalid JSON"), cwd=tmp_path)
 
 
+def test_gallery_json_with_a_wrong_type(tiny, tmp_path):
+    gallery = damaged_copy(tiny, tmp_path)
+    meta = json.loads((gallery / "gallery.json").read_text())
+    (gallery / "gallery.json").write_text(json.dumps({**meta, "n_images": "many"}))
+    fails(SERVE, "--text", "a red circle", "--bundle", tiny / "bundle", "--gallery", gallery,
+          names=("gallery.json", "n_images"), cwd=tmp_path)
+
+
+def test_manifest_without_a_scorer(tiny, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny / "bundle", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["graphs"]["scorer"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    fails(SERVE, "--text", "a red circle", "--bundle", bundle, "--gallery", tiny / "gallery",
+          names=("manifest.json", "scorer"), cwd=tmp_path)
+
+
 def test_empty_caption(tiny, tmp_path):
     fails(SERVE, "--text", "  ", "--bundle", tiny / "bundle", "--gallery", tiny / "gallery",
           names=("empty caption",), cwd=tmp_path)
@@ -195,6 +213,15 @@ def test_missing_captions_file_for_index(tiny, tmp_path):
           names=("gone.txt", "not found"), cwd=tmp_path)
 
 
+def test_serve_on_a_port_in_use(tiny, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fails(SERVE, "serve", "--bundle", tiny / "bundle", "--gallery", tiny / "gallery", "--port", port,
+              names=(f"127.0.0.1:{port}", "--port"), cwd=tmp_path)
+
+
 # -- the server -----------------------------------------------------------------------------------
 def request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
     try:
@@ -204,19 +231,27 @@ def request(url: str, body: bytes | None = None, headers: dict | None = None) ->
         return e.code, json.loads(e.read())
 
 
-def test_server_answers_bad_queries_with_json_4xx(tiny, tmp_path):
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([*SERVE, "serve", "--bundle", str(tiny / "bundle"), "--gallery", str(tiny / "gallery"),
-                             "--port", "0", "--quiet"], stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+def ready(base: str) -> bool:
     try:
-        line = proc.stderr.readline()
-        match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
-        assert match, line + (proc.stderr.read() if proc.poll() is not None else "")
-        base = match.group(1)
-        deadline = time.time() + 60
-        while request(base + "/ready")[0] != 200:
-            assert time.time() < deadline and proc.poll() is None
+        return request(base + "/ready")[0] == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False  # not listening yet
+
+
+def test_server_answers_bad_queries_with_json_4xx(tiny, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*SERVE, "serve", "--bundle", str(tiny / "bundle"), "--gallery", str(tiny / "gallery"),
+                             "--port", str(port), "--quiet"], stderr=subprocess.DEVNULL, cwd=tmp_path,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        for _ in range(600):
+            if ready(base) or proc.poll() is not None:
+                break
             time.sleep(0.1)
+        assert proc.poll() is None and ready(base), "the server did not start"
         text = base + "/search/text"
         status, err = request(text, json.dumps({"text": "  "}).encode())
         assert status == 400 and "empty caption" in err["error"]

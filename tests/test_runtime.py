@@ -49,7 +49,7 @@ def test_bundle_files_manifest_and_checker(bundle):
         if name.endswith(".onnx"):
             onnx.checker.check_model(onnx.load(str(bundle / name)), full_check=True)
     assert manifest["kind"] == "fbnet-bundle" and manifest["format_version"] == 1
-    assert set(manifest["fusion"]) == {"alpha", "beta", "lam"}
+    assert set(manifest["fusion"]) == {"alpha", "beta", "lam", "mu"}  # mu: the pooled global branch's weight
     text = manifest["graphs"]["text_encoder"]
     assert [i["name"] for i in text["inputs"]] == ["ids", "lengths"]
     assert text["inputs"][0]["shape"] == ["captions", "words"]

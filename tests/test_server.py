@@ -381,7 +381,8 @@ def test_request_heads_over_the_limit_get_431(http):
         port = int(base.rsplit(":", 1)[1])
 
         def head(*headers: str) -> bytes:
-            return ("GET /health HTTP/1.1\r\nHost: x\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode()
+            return ("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(h + "\r\n" for h in headers)
+                    + "\r\n").encode()
 
         def status(answer: bytes) -> int:
             return int(answer.split(b" ", 2)[1]) if answer else 0

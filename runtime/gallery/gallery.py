@@ -45,6 +45,8 @@ class Gallery:
             raise GalleryError(f"{meta_path}: missing; is {root} a gallery made by `fbnet-serve-cli index`?{hint}")
         meta = GalleryMeta.load(meta_path)
         meta.check_bundle(bundle.identity, bundle.manifest_sha256, meta_path, bundle.root)
+        if list(meta.keys) != bundle.keys:
+            raise GalleryError(f"{meta_path}: keys {meta.keys} are not the bundle's {bundle.keys}")
         self.root, self.meta = root, meta
         try:
             self.images, self.captions = (
@@ -79,6 +81,11 @@ def load_features(root: Path, side: str, keys: list[str], coded: dict | None = N
     """A side's arrays, memory-mapped, or decoded on demand for a coded store (None when the side
     is empty)."""
     coded = (coded or {}).get(side, {})
+    if not isinstance(coded, dict):
+        raise GalleryError(f"{root / GalleryMeta.FILE}: malformed coded.{side} (not a mapping)")
+    for k, entry in coded.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+            raise GalleryError(f"{root / GalleryMeta.FILE}: malformed coded.{side}.{k} (no shape list)")
     load = lambda k: CodedBlocks(root / side, k, coded[k]["shape"]) if k in coded else \
         _array(root / side / f"{k}.npy")  # noqa: E731
     if side == "images":

@@ -46,12 +46,26 @@ def too_large(limit: int) -> bytes:
             b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)) + body
 
 
+#: seconds a refused connection stays half-open, so the client reads the 431 before it closes
+LINGER = 2.0
+
+
 def _refuse(protocol) -> None:
+    """Answer 431 and close gently: stop sending, drop what still arrives, close after
+    :data:`LINGER` s (closing at once with unread bytes would reset the connection, and the client
+    could lose the answer while still sending its head)."""
     limit = protocol.config.h11_max_incomplete_event_size
     client = protocol.client or ("-", 0)
     log.warning("%s: request head over the %d-byte limit: 431", client[0], limit)
-    protocol.transport.write(too_large(limit))
-    protocol.transport.close()
+    protocol.refused = True
+    transport = protocol.transport
+    transport.write(too_large(limit))
+    try:
+        transport.write_eof()
+    except (NotImplementedError, OSError, RuntimeError):
+        transport.close()
+        return
+    protocol.loop.call_later(LINGER, transport.close)
 
 
 @functools.cache
@@ -59,6 +73,12 @@ def _bounded_h11():
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class BoundedH11(H11Protocol):
+        refused = False
+
+        def data_received(self, data: bytes) -> None:
+            if not self.refused:
+                super().data_received(data)
+
         def send_400_response(self, msg: str) -> None:
             # h11 raised "Receive buffer too long" exactly when it holds more than the limit
             if len(self.conn.trailing_data[0]) > self.config.h11_max_incomplete_event_size:
@@ -86,11 +106,15 @@ def _bounded_httptools():
             self._in_head = False
             super().on_headers_complete()
 
+        refused = False
+
         def data_received(self, data: bytes) -> None:
+            if self.refused:
+                return
             self._began = False
             super().data_received(data)
             # the head began before this chunk and is still unfinished: the chunk is all head
-            if self._in_head and not self._began and not self.transport.is_closing():
+            if self._in_head and not self._began and not self.transport.is_closing() and not self.refused:
                 self._arrived += len(data)
                 if self._arrived > self.config.h11_max_incomplete_event_size:
                     _refuse(self)

@@ -302,13 +302,21 @@ class _Observed:
         log.info('%s "%s %s" %d %.1fms', client[0], scope["method"], path, status, seconds * 1000)
 
 
+class ListenError(FbnetError, OSError):
+    """The server cannot listen where it was asked to (the port is taken, not permitted, ...)."""
+
+
 def listen(host: str = "127.0.0.1", port: int = 8080, backlog: int = 4096) -> socket.socket:
     """A listening TCP socket (``port=0``: any free port; see ``getsockname()``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host, --port)") from None
     return sock
 
 
