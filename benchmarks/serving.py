@@ -12,8 +12,8 @@ keep-alive connection sending requests back to back for ``--seconds`` per cell. 
 captions of the dataset's test split; image queries are its test images' file bytes. The gallery
 is synthetic float32 features of the bundle's shapes (10,000 images and 10,000 captions; float32 as
 ``index`` writes by default; image paths are real files so the page works). Server RSS is read from
-/proc (Triton: the CLI's process plus ``tritonserver`` and its two Python-backend stubs). Writes the "Serving under load" section of
-BENCHMARKS.md. The load generator shares the 2 cores with the server; nothing else should run.
+/proc (Triton: the CLI's process plus ``tritonserver`` and its two Python-backend stubs). Writes the
+"Serving under load" section of BENCHMARKS.md. The load generator shares the 2 cores with the server; nothing else should run.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ def test_ray_driver_opens_no_backend(ray_cluster, bundle, gallery_inputs, tmp_pa
     def no_backend(*args, **kwargs):
         raise AssertionError("the Ray driver opened a backend")
 
-    for owner, name in ((cli, "select_backend"), (backends, "select_backend"), (backends.OnnxRuntimeBackend, "__init__"),
-                        (backends.TensorRTBackend, "__init__"), (retriever.Retriever, "__init__")):
+    for owner, name in ((cli, "select_backend"), (backends, "select_backend"), (retriever.Retriever, "__init__"),
+                        (backends.OnnxRuntimeBackend, "__init__"), (backends.TensorRTBackend, "__init__")):
         monkeypatch.setattr(owner, name, no_backend)
     out = tmp_path / "g"
     code = cli.main(["index", "--bundle", str(bundle), "--images", str(gallery_inputs / "images"),

@@ -38,7 +38,8 @@ def test_serve_cli_lists_its_commands_and_query_is_the_default(tmp_path):
         assert res.returncode == 0 and "Usage: fbnet-serve-cli query [OPTIONS] [IMAGES]..." in res.stdout
     for args in (["--text", "a dog"], [tmp_path / "q.jpg"]):  # a first argument that is no command runs query
         res = serve(*args, "--bundle", tmp_path / "nowhere", "--gallery", tmp_path)
-        assert res.returncode == 1 and res.stderr.strip() == f"Error: {tmp_path / 'nowhere'}: bundle directory not found"
+        assert res.returncode == 1
+        assert res.stderr.strip() == f"Error: {tmp_path / 'nowhere'}: bundle directory not found"
     assert serve("serve", "--help").stdout.count("--max-header-bytes") == 1
 
 
