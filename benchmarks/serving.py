@@ -12,8 +12,8 @@ keep-alive connection sending requests back to back for ``--seconds`` per cell. 
 captions of the dataset's test split; image queries are its test images' file bytes. The gallery
 is synthetic float32 features of the bundle's shapes (10,000 images and 10,000 captions; float32 as
 ``index`` writes by default; image paths are real files so the page works). Server RSS is read from
-/proc (Triton: the PyTriton process plus ``tritonserver`` and its Python-backend stub). Writes the "Serving under load" section of
-BENCHMARKS.md. The load generator shares the 2 cores with the server; nothing else should run.
+/proc (Triton: the CLI's process plus ``tritonserver`` and its two Python-backend stubs). Writes the
+"Serving under load" section of BENCHMARKS.md. The load generator shares the 2 cores with the server; nothing else should run.
 """
 
 from __future__ import annotations
@@ -251,8 +251,8 @@ def section(rows: list[dict], stacks: list[dict], items: int, seconds: float, bu
              "float32), two-stage search, top 5 of a shortlist of 100, ONNX Runtime on the CPU. Built-in "
              "server: `fbnet-serve-cli serve` (uvicorn + Starlette, one micro-batching worker, max batch 64, "
              "max wait 0, a batch's re-ranks on one one-thread session per core). Triton: `fbnet-serve-cli "
-             "triton` (PyTriton 0.7 / Triton 2.51, dynamic batcher max batch 64, the same service, KServe v2 "
-             "HTTP with binary tensors).", "",
+             "triton` (the Triton 2.51 server of PyTriton 0.7, the same service as two Python-backend models, "
+             "dynamic batcher max batch 64, KServe v2 HTTP with binary tensors).", "",
              "| server | query | clients | req/s | p50 ms | p99 ms | errors | RSS at rest MB | RSS under load MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
@@ -292,7 +292,7 @@ def cause(ms: dict, lanes: int) -> str:
             f"the same cores. Past that, re-ranking is arithmetic linear in the pairs scored. Reaching 2.5x needs "
             f"it cheaper: skipping padded box slots (a dynamic box axis), a lower-precision scorer, a GPU (where "
             f"per-call overhead dominates and batching pays), or more cores. Triton adds its own cost: a second "
-            f"process, protobuf/JSON conversion, and the PyTriton proxy's ZeroMQ hop per batch.")
+            f"process, protobuf/JSON conversion, and the Python backend's shared-memory hop to its stub per batch.")
 
 
 def main() -> None:

@@ -17,10 +17,12 @@ import numpy as np
 import onnx
 import torch
 
+from fbnet.errors import FbnetError
+
 DEFAULT_OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(FbnetError, RuntimeError):
     """A graph failed to export, failed ``onnx.checker``, or disagrees with PyTorch."""
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fbnet.errors import FbnetError
 from fbnet.preprocess import load_image
 from fbnet.runtime.engine.backends import OnnxRuntimeBackend
 from fbnet.runtime.engine.bundle import open_bundle, sha256
@@ -42,7 +43,7 @@ DEFAULT_GRAPHS = ("detector",)
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
-class QuantizeError(ValueError):
+class QuantizeError(FbnetError, ValueError):
     """The bundle cannot be quantized; the message says why."""
 
 

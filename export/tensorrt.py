@@ -16,6 +16,8 @@ from pathlib import Path
 from fbnet.runtime.engine.engine_tags import engine_name, gpu_compute_capability
 from fbnet.runtime.engine.manifest import GraphSpec
 
+from .onnx_export import ExportError
+
 #: min / opt / max extents for each named dynamic axis; the box axes come from the bundle's J
 #: (:func:`box_profile`).
 PROFILE = {"images": (1, 8, 64), "captions": (1, 128, 1024), "words": (1, 16, 64)}
@@ -54,7 +56,7 @@ def build_engines(bundle: Path, graphs: dict[str, GraphSpec], max_boxes: int, fp
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(bundle / spec.file)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"{spec.file}: TensorRT's ONNX parser failed: {errors}")
+            raise ExportError(f"{spec.file}: TensorRT's ONNX parser failed: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 4 << 30)
         if fp16:
@@ -70,7 +72,7 @@ def build_engines(bundle: Path, graphs: dict[str, GraphSpec], max_boxes: int, fp
         log(f"building TensorRT engine for {spec.file} ({'fp16' if fp16 else 'fp32'})")
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise RuntimeError(f"{spec.file}: TensorRT could not build an engine (see the log above)")
+            raise ExportError(f"{spec.file}: TensorRT could not build an engine (see the log above)")
         fname = engine_name(name, trt.__version__, cc)
         (bundle / fname).write_bytes(bytes(plan))
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))

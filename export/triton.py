@@ -29,17 +29,17 @@ import shutil
 from pathlib import Path
 
 from fbnet.atomic import atomic_dir
+from fbnet.errors import FbnetError
 from fbnet.runtime.engine.bundle import open_bundle
 from fbnet.runtime.engine.manifest import GraphSpec, TensorSpec
-from fbnet.runtime.serving.triton import GRAPH_MODEL, SEARCH_INPUTS, SEARCH_OUTPUTS, batch_axis
+from fbnet.runtime.gallery.shards import open_gallery
+from fbnet.runtime.serving.triton import GRAPH_MODEL, batch_axis, write_search_models
 
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
          "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "object": "TYPE_STRING", "bytes": "TYPE_STRING"}
-MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fbnet.runtime.serving.triton)."""\n' \
-           "from fbnet.runtime.serving.triton import TritonPythonModel  # noqa: F401\n"
 
 
-class TritonExportError(ValueError):
+class TritonExportError(FbnetError, ValueError):
     """The bundle cannot be written as a Triton model repository; the message says why."""
 
 
@@ -74,23 +74,6 @@ def graph_config(name: str, spec: GraphSpec, platform: str, max_batch: int, inst
     return "\n".join(lines) + "\n"
 
 
-def search_config(name: str, kind: str, bundle: Path, gallery: Path, engines: bool, max_batch: int,
-                  shortlist: int) -> str:
-    def tensors(specs):
-        return ",\n".join("  {\n" + f'    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]' +
-                          ("\n    optional: true" if opt else "") + "\n  }" for n, t, opt in specs)
-
-    params = {"kind": kind, "bundle": str(bundle), "gallery": str(gallery), "shortlist": str(shortlist),
-              "graph_suffix": "_trt" if engines else ""}
-    return "\n".join([
-        f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch}",
-        "input [\n" + tensors(SEARCH_INPUTS[kind]) + "\n]", "output [\n" + tensors(SEARCH_OUTPUTS) + "\n]",
-        "instance_group [ { count: 1, kind: KIND_CPU } ]",
-        "dynamic_batching { max_queue_delay_microseconds: 1000 }",
-        *(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()),
-    ]) + "\n"
-
-
 def write_triton_repository(bundle_dir: str | Path, out: str | Path, gallery: str | Path | None = None,
                             max_batch: int = 16, instances: int = 1, shortlist: int = 100,
                             bundle_path: str | None = None, gallery_path: str | None = None) -> Path:
@@ -99,8 +82,10 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, gallery: st
     their absolute paths here)."""
     bundle = open_bundle(bundle_dir)
     engines = bundle.manifest.engines.files
-    if gallery is not None and not (Path(gallery) / "gallery.json").is_file():
-        raise TritonExportError(f"{gallery}: not a gallery (no gallery.json); build one with fbnet-serve-cli index")
+    if gallery is not None:
+        if not any((Path(gallery) / f).is_file() for f in ("gallery.json", "shards.json")):
+            raise TritonExportError(f"{gallery}: not a gallery (no gallery.json); build one with fbnet-serve-cli index")
+        open_gallery(gallery, bundle)  # made by this bundle's encoders, and whole
     with atomic_dir(Path(out)) as tmp:
         for graph, spec in bundle.manifest.graphs.items():
             name = GRAPH_MODEL.format(graph=graph)
@@ -113,11 +98,8 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, gallery: st
                 shutil.copy(bundle.root / engines[graph], tmp / trt / "1" / "model.plan")
                 (tmp / trt / "config.pbtxt").write_text(graph_config(trt, spec, "tensorrt_plan", max_batch, instances))
         if gallery is not None:
-            for kind in ("text", "image"):
-                name = f"fbnet_search_{kind}"
-                (tmp / name / "1").mkdir(parents=True)
-                (tmp / name / "1" / "model.py").write_text(MODEL_PY)
-                (tmp / name / "config.pbtxt").write_text(search_config(
-                    name, kind, Path(bundle_path or Path(bundle_dir).resolve()),
-                    Path(gallery_path or Path(gallery).resolve()), bool(engines), max_batch, shortlist))
+            params = {"bundle": str(bundle_path or Path(bundle_dir).resolve()),
+                      "gallery": str(gallery_path or Path(gallery).resolve()), "shortlist": str(shortlist),
+                      "backend": "bls", "graph_suffix": "_trt" if engines else ""}
+            write_search_models(tmp, params, max_batch, max_wait_us=1000)
     return Path(out)

@@ -12,21 +12,10 @@ from pathlib import Path
 
 import click
 
-from .config import FBNetConfig
-from .errors import FbnetError
+from .command import FbnetGroup
+from .config import ConfigError, FBNetConfig
 
 DEFAULT_SYNTH_SIZES = (800, 200, 200)
-
-
-class _Group(click.Group):
-    """Turns the toolkit's own errors (:class:`~fbnet.errors.FbnetError`) into one clear line and
-    exit code 1 (no traceback)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except FbnetError as exc:
-            raise click.ClickException(str(exc)) from None
 
 
 def fbnet_home() -> Path:
@@ -37,7 +26,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.secho(f"warning: {message}", fg="yellow", err=True)
 
 
-@click.group(cls=_Group)
+@click.group(cls=FbnetGroup)
 @click.version_option(package_name="fbnet")
 def main():
     """FB-Net image-text retrieval: train, evaluate, export, check parity."""
@@ -102,24 +91,20 @@ def default_dataset(seed: int = 0) -> Path:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="run directory [default: runs/<dataset name>]")
 @click.option("--resume", is_flag=True, help="continue the interrupted run in --out")
-@click.option("--epochs", type=int, help="override train.epochs")
+@click.option("--epochs", type=click.IntRange(min=1), help="override train.epochs")
 @click.option("--word-vectors", type=click.Path(dir_okay=False), help="word2vec binary or GloVe text")
 def train(data_dir, config, out, resume, epochs, word_vectors):
     """Train FB-Net; prints validation MAP per epoch and the test metrics at the end."""
-    from .data.manifest import load_dataset
-    from .evaluate import evaluate, format_report
-    from .train import train as run_train
-
     if resume:
         # a resumed run keeps its own config and dataset (only --epochs may change)
-        from .checkpoint import load_checkpoint
-
         if out is None:
             raise click.UsageError("--resume needs --out, the run directory to continue")
         if word_vectors:
-            raise click.UsageError("--word-vectors cannot change a resumed run: its word embeddings were "
-                                   "initialised at the start and have been trained since; start a new run "
-                                   "(another --out) to use other vectors")
+            raise ConfigError(f"{out / 'last.pt'}: --word-vectors cannot change a resumed run: its word embeddings "
+                              "were initialised at the start and have been trained since; start a new run "
+                              "(another --out) to use other vectors")
+        from .checkpoint import load_checkpoint
+
         state = load_checkpoint(out / "last.pt")
         cfg = FBNetConfig.from_dict(state["config"], str(out / "last.pt"))
         data_dir = data_dir or Path(state["data_root"])
@@ -131,6 +116,11 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
         cfg.train.epochs = epochs
     if word_vectors:
         cfg.data.word_vectors = word_vectors
+    # torch is imported from here on: a bad config fails above, in a fraction of a second
+    from .data.manifest import load_dataset
+    from .evaluate import evaluate, format_report
+    from .train import train as run_train
+
     root = data_dir or (Path(cfg.data.root) if cfg.data.root else default_dataset(cfg.train.seed))
     dataset = load_dataset(root)
     out = out or Path("runs") / dataset.name
@@ -214,41 +204,39 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
                int8_graphs, calibration_images, calibration_method):
     """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory."""
     from fbnet.export.bundle import build_bundle_engines, export_bundle
-    from fbnet.export.onnx_export import ExportError
-    from fbnet.export.quantize import QuantizeError, quantize_bundle
-    from fbnet.export.triton import TritonExportError, write_triton_repository
-    from fbnet.runtime.engine.bundle import BundleError
-    from fbnet.runtime.gallery.gallery import GalleryError
+    from fbnet.export.quantize import quantize_bundle
+    from fbnet.export.triton import write_triton_repository
 
-    try:
-        if engines_only:
-            engines = build_bundle_engines(source, fp16=True, log=click.echo)
-            click.echo(f"built {len(engines)} engines in {source}")
-            return
-        if (source / "manifest.json").is_file():  # already a bundle
-            if triton_repo is None and not int8:
-                raise click.UsageError("SOURCE is a bundle: give --triton REPO, --int8 or --engines-only")
-            out = source
-        elif out is None:
-            raise click.UsageError("give --out BUNDLE")
-        else:
-            export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
-            click.echo(f"wrote bundle {out}")
-        if int8:
-            from fbnet.checkpoint import load_checkpoint
-            from fbnet.data.manifest import load_dataset
+    if engines_only:
+        engines = build_bundle_engines(source, fp16=True, log=click.echo)
+        click.echo(f"built {len(engines)} engines in {source}")
+        return
+    if (source / "manifest.json").is_file():  # already a bundle
+        if triton_repo is None and not int8:
+            raise click.UsageError("SOURCE is a bundle: give --triton REPO, --int8 or --engines-only")
+        out = source
+    elif out is None:
+        raise click.UsageError("give --out BUNDLE")
+    else:
+        export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
+        click.echo(f"wrote bundle {out}")
+    if int8:
+        from fbnet.checkpoint import load_checkpoint
+        from fbnet.data.manifest import load_dataset
+        from fbnet.runtime.engine.manifest import BundleError, Manifest
 
-            ckpt = load_checkpoint(json.loads((out / "manifest.json").read_text())["source_checkpoint"]["path"])
-            train = load_dataset(ckpt["data_root"]).split("train")[:calibration_images]
-            click.echo(f"quantizing to INT8, calibrated on {len(train)} training images")
-            graphs = tuple(g.strip() for g in int8_graphs.split(",") if g.strip())
-            quantize_bundle(out, [it.image for it in train], graphs, calibration_method, log=click.echo)
-        if triton_repo is not None:
-            write_triton_repository(out, triton_repo, gallery, max_batch=triton_max_batch)
-            click.echo(f"wrote Triton model repository {triton_repo}" +
-                       ("" if gallery else " (graphs only; --gallery G adds the search models)"))
-    except (ExportError, TritonExportError, BundleError, GalleryError, QuantizeError) as exc:
-        raise click.ClickException(str(exc)) from None
+        source_checkpoint = Manifest.load(out / Manifest.FILE).source_checkpoint or {}
+        if "path" not in source_checkpoint:
+            raise BundleError(f"{out / Manifest.FILE}: records no source checkpoint to calibrate INT8 on")
+        ckpt = load_checkpoint(source_checkpoint["path"])
+        train = load_dataset(ckpt["data_root"]).split("train")[:calibration_images]
+        click.echo(f"quantizing to INT8, calibrated on {len(train)} training images")
+        graphs = tuple(g.strip() for g in int8_graphs.split(",") if g.strip())
+        quantize_bundle(out, [it.image for it in train], graphs, calibration_method, log=click.echo)
+    if triton_repo is not None:
+        write_triton_repository(out, triton_repo, gallery, max_batch=triton_max_batch)
+        click.echo(f"wrote Triton model repository {triton_repo}" +
+                   ("" if gallery else " (graphs only; --gallery G adds the search models)"))
 
 
 @main.command("parity")
@@ -260,16 +248,10 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="also write the result here")
 def parity_cmd(checkpoint, bundle, split, backend, data_dir, json_out):
     """Check that the runtime ranks a split as PyTorch does (exit 1 when MAP differs too much)."""
-    import json
-
     from .atomic import atomic_write_text
     from .parity import format_parity, run_parity
-    from .runtime.cli import ERRORS
 
-    try:
-        res = run_parity(checkpoint, bundle, split=split, backend=backend, data=data_dir)
-    except ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+    res = run_parity(checkpoint, bundle, split=split, backend=backend, data=data_dir)
     click.echo(format_parity(res))
     if json_out:
         atomic_write_text(json_out, json.dumps(res, indent=1))

@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
 from .errors import FbnetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,6 +27,8 @@ class ImageError(FbnetError, ValueError):
 
 class ImageTooLarge(ImageError):
     """An image declares more pixels than allowed (found from its header, before decoding)."""
+
+    http_status = 413
 
 
 def load_image(path: str | Path | BinaryIO, size: int, min_side: int = 8, name: str | None = None,

@@ -3,8 +3,8 @@
 ::
 
     fbnet-serve-cli index --bundle B --images DIR --captions FILE --out GALLERY
-    fbnet-serve-cli query.jpg [more.jpg ...] --bundle B --gallery G [--top-k 5] [--json]
-    fbnet-serve-cli --text "a dog runs on grass" [--text ...] --bundle B --gallery G
+    fbnet-serve-cli query query.jpg [more.jpg ...] --bundle B --gallery G [--top-k 5] [--json]
+    fbnet-serve-cli query --text "a dog runs on grass" [--text ...] --bundle B --gallery G
     fbnet-serve-cli serve --bundle B --gallery G [--host 127.0.0.1] [--port 8080]
     fbnet-serve-cli triton-env [DIR]                      # the PyTriton environment (numpy < 2)
     DIR/bin/fbnet-serve-cli triton --bundle B --gallery G [--http-port 8000]
@@ -13,6 +13,10 @@ Queries use two-stage search (:mod:`fbnet.runtime.search.searcher`; ``--exhausti
 ``serve`` keeps the bundle and gallery loaded and answers HTTP + JSON with micro-batching
 (:mod:`fbnet.runtime.serving.server`); ``triton`` serves the same search through Triton Inference Server
 (:mod:`fbnet.runtime.serving.triton`).
+
+``query`` is also the default: a first argument that is not a command name (an image path,
+``--text``, ``--bundle``) runs it, so ``fbnet-serve-cli query.jpg --bundle B --gallery G`` works.
+Every expected failure (:class:`~fbnet.errors.FbnetError`) is one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -25,20 +29,46 @@ import warnings
 
 import click
 
-from fbnet.preprocess import MAX_PIXELS, ImageError
+from fbnet.command import FbnetGroup
+from fbnet.preprocess import MAX_PIXELS
 
-from .engine.backends import BACKENDS, BackendUnavailable, select_backend
-from .engine.bundle import BundleError, open_bundle
-from .engine.retriever import QueryError, Retriever
+from .engine.backends import BACKENDS, select_backend
+from .engine.bundle import open_bundle
+from .engine.retriever import Retriever
 from .gallery.build import build_gallery, list_images, read_captions
 from .gallery.gallery import GalleryError
 from .gallery.shards import build_sharded, open_gallery
 from .gallery.stores import STORES
 from .search.searcher import DEFAULT_SHORTLIST, Searcher, hits_json
+from .serving.http_limits import MAX_HEADER_BYTES
 from .serving.service import SearchService
-from .serving.triton_env import TritonEnvError
 
-ERRORS = (BundleError, GalleryError, QueryError, ImageError, BackendUnavailable, TritonEnvError)
+DEFAULT_COMMAND = "query"
+
+
+class ServeCli(FbnetGroup):
+    """The command group; a first argument that is not a command name runs ``query`` with all the
+    arguments (``fbnet-serve-cli IMAGE ...`` and ``fbnet-serve-cli --text ...`` as before)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=ServeCli)
+def cli():
+    """Retrieval from an exported bundle, without torch: index a gallery, query it, serve it.
+
+    \b
+    fbnet-serve-cli index --bundle B --images DIR --captions FILE --out G
+    fbnet-serve-cli query IMAGE... | --text "a caption" --bundle B --gallery G
+    fbnet-serve-cli serve --bundle B --gallery G
+
+    A first argument that is not a command runs `query`: `fbnet-serve-cli IMAGE --bundle B
+    --gallery G` and `fbnet-serve-cli --text "..." --bundle B --gallery G` work as before.
+    """
+    warnings.filterwarnings("ignore", module="onnxruntime")
 
 
 def _retriever(bundle: str, backend: str) -> Retriever:
@@ -46,7 +76,7 @@ def _retriever(bundle: str, backend: str) -> Retriever:
     return Retriever(b, select_backend(b, backend))
 
 
-@click.command("index")
+@cli.command("index")
 @click.option("--bundle", required=True, type=click.Path(), help="bundle directory from `fbnet export`")
 @click.option("--images", "image_dir", type=click.Path(), help="directory of gallery images")
 @click.option("--captions", type=click.Path(), help="text file, one gallery caption per line")
@@ -71,7 +101,6 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_s
     """Encode a gallery of images and captions once (resumable)."""
     if not image_dir and not captions:
         raise click.UsageError("give --images, --captions, or both")
-    retriever = _retriever(bundle, backend)
     images = list_images(image_dir) if image_dir else []
     caps = read_captions(captions) if captions else []
     t0 = time.time()
@@ -80,19 +109,25 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_s
     if ray_address:
         from .gallery.ray_index import index_on_ray
 
+        # the driver only plans the shards and lists them when built: the workers open the backend,
+        # so a head node without a GPU (or TensorRT) can drive GPU workers
+        backend = "onnxruntime" if backend == "auto" and not ray_gpus_per_worker else backend
         index_on_ray(bundle, images, caps, out, shard_size or 1000, workers=ray_workers,
-                     address=None if ray_address == "local" else ray_address,
-                     backend="onnxruntime" if backend == "auto" and not ray_gpus_per_worker else backend,
+                     address=None if ray_address == "local" else ray_address, backend=backend,
                      gpus_per_worker=ray_gpus_per_worker, log=click.echo, **options)
-    elif shard_size:
-        build_sharded(retriever, images, caps, out, shard_size, **options)
+        used = f"{ray_workers} Ray workers ({backend})"
     else:
-        build_gallery(retriever, images, caps, out, **options)
-    click.echo(f"indexed {len(images)} images and {len(caps)} captions into {out} with "
-               f"{retriever.backend.name} in {time.time() - t0:.1f}s")
+        retriever = _retriever(bundle, backend)
+        if shard_size:
+            build_sharded(retriever, images, caps, out, shard_size, **options)
+        else:
+            build_gallery(retriever, images, caps, out, **options)
+        used = retriever.backend.name
+    click.echo(f"indexed {len(images)} images and {len(caps)} captions into {out} with {used} "
+               f"in {time.time() - t0:.1f}s")
 
 
-@click.command("query")
+@cli.command("query")
 @click.argument("images", nargs=-1, type=click.Path())
 @click.option("--text", "texts", multiple=True, help="a caption query (repeatable)")
 @click.option("--bundle", required=True, type=click.Path())
@@ -140,7 +175,7 @@ RERANK_LANES = click.option(
     help="re-rank a batch's queries in parallel on this many one-thread sessions (ONNX Runtime CPU)")
 
 
-@click.command("serve")
+@cli.command("serve")
 @click.option("--bundle", required=True, type=click.Path())
 @click.option("--gallery", required=True, type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback by default)")
@@ -153,12 +188,14 @@ RERANK_LANES = click.option(
               help="how long a batch waits for more queries (0: takes what is already queued)")
 @click.option("--max-queue", default=256, show_default=True, help="queued queries before 503 + Retry-After")
 @click.option("--max-pixels", default=MAX_PIXELS, show_default=True, help="declared image pixels before 413")
+@click.option("--max-header-bytes", default=MAX_HEADER_BYTES, show_default=True,
+              help="request line and headers before 431")
 @RERANK_LANES
 @click.option("--http", type=click.Choice(["auto", "httptools", "h11"]), default="auto", show_default=True,
               help="uvicorn's HTTP parser")
 @click.option("--quiet", is_flag=True, help="do not log each request")
 def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wait_ms, max_queue, max_pixels,
-              rerank_lanes, http, quiet):
+              max_header_bytes, rerank_lanes, http, quiet):
     """Serve text and image queries over HTTP + JSON, with a search page at /."""
     import logging
 
@@ -170,7 +207,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
     g = open_gallery(gallery, retriever.bundle)  # a bad gallery fails here, before the port opens
     server = SearchServer(lambda: SearchService(retriever, g, shortlist, rerank_lanes),
                           ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                      max_pixels=max_pixels))
+                                      max_pixels=max_pixels, max_header_bytes=max_header_bytes))
     sock = listen(host, port)
     h, p = sock.getsockname()[:2]
     click.echo(f"serving {len(g.images)} images and {len(g.captions)} captions on http://{h}:{p} with "
@@ -178,7 +215,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
     run_server(server, sock, http)
 
 
-@click.command("triton")
+@cli.command("triton")
 @click.option("--bundle", required=True, type=click.Path())
 @click.option("--gallery", required=True, type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -189,32 +226,34 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--max-batch", default=64, show_default=True, help="Triton dynamic batcher's max_batch_size")
 @click.option("--max-wait-us", default=0, show_default=True, help="its max_queue_delay_microseconds")
+@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, help="declared image pixels before a 400")
 @RERANK_LANES
 @click.option("--log-file", type=click.Path(), help="Triton's own log (default: standard output)")
 def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,
-               max_wait_us, rerank_lanes, log_file):
-    """Serve the search through Triton Inference Server (PyTriton; see `triton-env`)."""
+               max_wait_us, max_pixels, rerank_lanes, log_file):
+    """Serve the search through Triton Inference Server (PyTriton's server; see `triton-env`)."""
     import signal
     import threading
 
-    from .serving.triton import serve_pytriton
+    from .serving.triton import serve_triton
 
-    retriever = _retriever(bundle, backend)
-    service = SearchService(retriever, open_gallery(gallery, retriever.bundle), shortlist, rerank_lanes)
-    service.warm()
+    retriever = _retriever(bundle, backend)  # a bad bundle, gallery or backend fails here, in one line
+    open_gallery(gallery, retriever.bundle)
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
-    triton = serve_pytriton(service, host, http_port, grpc_port, metrics_port, max_batch, max_wait_us, log_file)
+    triton = serve_triton(bundle, gallery, host, http_port, grpc_port, metrics_port, shortlist, backend, max_batch,
+                          max_wait_us, rerank_lanes, log_file, max_pixels)
     click.echo(f"Triton serving fbnet_search_text and fbnet_search_image on http://{host}:{http_port} "
-               f"(gRPC {grpc_port}, metrics {metrics_port}); SIGTERM or Ctrl-C stops", err=True)
+               f"(gRPC {grpc_port}, metrics {metrics_port}) with {retriever.backend.name}; ready "
+               "(GET /v2/health/ready); SIGTERM or Ctrl-C stops", err=True)
     try:
         stop.wait()
     finally:
         triton.stop()
 
 
-@click.command("triton-env")
+@cli.command("triton-env")
 @click.argument("directory", required=False, type=click.Path(file_okay=False))
 def triton_env_cmd(directory):
     """Build (or reuse) the PyTriton environment (numpy < 2) and print its python."""
@@ -225,21 +264,12 @@ def triton_env_cmd(directory):
     click.echo(build(Path(directory) if directory else None, log=lambda m: click.echo(m, err=True)))
 
 
-COMMANDS = {"index": index_cmd, "serve": serve_cmd, "triton": triton_cmd, "triton-env": triton_env_cmd}
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv[0] if argv[:1] and argv[0] in COMMANDS else None
-    command, args = (COMMANDS[name], argv[1:]) if name else (query_cmd, argv)
-    warnings.filterwarnings("ignore", module="onnxruntime")
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     try:
-        return command.main(args, prog_name="fbnet-serve-cli" + (f" {name}" if name else ""),
-                            standalone_mode=False) or 0
-    except ERRORS as exc:
-        click.secho(f"Error: {exc}", fg="red", err=True)
-        return 1
-    except click.ClickException as exc:
+        return cli.main(list(sys.argv[1:] if argv is None else argv), prog_name="fbnet-serve-cli",
+                        standalone_mode=False) or 0
+    except click.ClickException as exc:  # FbnetGroup turns every FbnetError into one
         exc.show()
         return exc.exit_code
     except click.Abort:

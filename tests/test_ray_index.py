@@ -45,3 +45,27 @@ def test_ray_index_equals_single_process_and_resumes(ray_cluster, bundle, galler
     assert "2 already built; 1 to build" in logs[0]
     assert (out / "shard-00000" / "gallery.json").stat().st_mtime_ns == kept
     assert len(open_gallery(out, b).images) == 12
+
+
+def test_ray_driver_opens_no_backend(ray_cluster, bundle, gallery_inputs, tmp_path, monkeypatch):
+    """``index --ray``: the driver plans the shards and lists them; only the workers open a backend,
+    so a head node without a GPU (or TensorRT) can drive GPU workers. On the driver every way to a
+    backend raises here; the workers (other processes) are untouched."""
+    import fbnet.runtime.cli as cli
+    from fbnet.runtime.engine import backends, retriever
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.gallery.shards import open_gallery
+
+    def no_backend(*args, **kwargs):
+        raise AssertionError("the Ray driver opened a backend")
+
+    for owner, name in ((cli, "select_backend"), (backends, "select_backend"), (retriever.Retriever, "__init__"),
+                        (backends.OnnxRuntimeBackend, "__init__"), (backends.TensorRTBackend, "__init__")):
+        monkeypatch.setattr(owner, name, no_backend)
+    out = tmp_path / "g"
+    code = cli.main(["index", "--bundle", str(bundle), "--images", str(gallery_inputs / "images"),
+                     "--captions", str(gallery_inputs / "captions.txt"), "--out", str(out), "--ray",
+                     "--shard-size", "6", "--ray-workers", "2"])
+    assert code == 0
+    monkeypatch.undo()
+    assert len(open_gallery(out, open_bundle(bundle)).images) == 12

@@ -28,6 +28,21 @@ def serve(*args, block_torch=True):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
+def test_serve_cli_lists_its_commands_and_query_is_the_default(tmp_path):
+    res = serve("--help")
+    assert res.returncode == 0, res.stderr
+    commands = res.stdout.split("Commands:", 1)[1].split()
+    assert all(c in commands for c in ("query", "index", "serve", "triton", "triton-env"))
+    for args in (["query", "--help"], ["--text", "a dog", "--help"]):  # the shortcut is query
+        res = serve(*args)
+        assert res.returncode == 0 and "Usage: fbnet-serve-cli query [OPTIONS] [IMAGES]..." in res.stdout
+    for args in (["--text", "a dog"], [tmp_path / "q.jpg"]):  # a first argument that is no command runs query
+        res = serve(*args, "--bundle", tmp_path / "nowhere", "--gallery", tmp_path)
+        assert res.returncode == 1
+        assert res.stderr.strip() == f"Error: {tmp_path / 'nowhere'}: bundle directory not found"
+    assert serve("serve", "--help").stdout.count("--max-header-bytes") == 1
+
+
 def test_bundle_files_manifest_and_checker(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     for name in ("detector.onnx", "image_encoder.onnx", "text_encoder.onnx", "scorer.onnx", "reranker.onnx", "vocab.json"):
@@ -35,7 +50,7 @@ def test_bundle_files_manifest_and_checker(bundle):
         if name.endswith(".onnx"):
             onnx.checker.check_model(onnx.load(str(bundle / name)), full_check=True)
     assert manifest["kind"] == "fbnet-bundle" and manifest["format_version"] == 1
-    assert set(manifest["fusion"]) == {"alpha", "beta", "lam"}
+    assert set(manifest["fusion"]) == {"alpha", "beta", "lam", "mu"}  # mu: the pooled global branch's weight
     text = manifest["graphs"]["text_encoder"]
     assert [i["name"] for i in text["inputs"]] == ["ids", "lengths"]
     assert text["inputs"][0]["shape"] == ["captions", "words"]

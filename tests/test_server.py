@@ -110,10 +110,10 @@ def test_batched_search_equals_one_at_a_time(served, gallery_inputs):
 
 # -- the HTTP server --------------------------------------------------------------------------------
 @contextmanager
-def running(server: SearchServer):
+def running(server: SearchServer, http: str = "h11"):
     """Serve ``server`` from a thread on a free loopback port; stop it as SIGTERM would."""
     sock = listen("127.0.0.1", 0)
-    userver = uvicorn_server(server, "h11")
+    userver = uvicorn_server(server, http)
     thread = threading.Thread(target=userver.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -330,6 +330,74 @@ def test_ready_is_503_until_loaded(served):
         userver.should_exit = True
         thread.join(30)
         sock.close()
+
+
+class Idle:
+    """A service that loads at once and is never asked (for tests of the HTTP layer alone)."""
+
+    backend = "none"
+
+    def warm(self):
+        pass
+
+    def info(self):
+        return {}
+
+    def search_texts(self, queries):
+        raise AssertionError("not asked")
+
+    search_images = search_texts
+
+
+def raw_exchange(port: int, head: bytes, pieces: int = 1) -> bytes:
+    """Send ``head`` in ``pieces`` (stopping when the server closes) and read what it answers."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    step = -(-len(head) // pieces)
+    try:
+        for i in range(0, len(head), step):
+            conn.sendall(head[i: i + step])
+            if pieces > 1:
+                time.sleep(0.002)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered early and closed
+    answer = b""
+    try:
+        while chunk := conn.recv(65536):
+            answer += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    conn.close()
+    return answer
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_request_heads_over_the_limit_get_431(http):
+    """A request line and headers over ``max_header_bytes`` get 431 (JSON) with either parser;
+    uvicorn alone bounds them only with h11 (a plain 400), and httptools took a 200 KB header."""
+    if http == "httptools":
+        pytest.importorskip("httptools", reason="httptools (the fast extra) is not installed")
+    server = SearchServer(Idle, ServeConfig(max_header_bytes=4096))
+    with running(server, http) as base:
+        port = int(base.rsplit(":", 1)[1])
+
+        def head(*headers: str) -> bytes:
+            return ("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(h + "\r\n" for h in headers)
+                    + "\r\n").encode()
+
+        def status(answer: bytes) -> int:
+            return int(answer.split(b" ", 2)[1]) if answer else 0
+
+        assert status(raw_exchange(port, head("X-Fits: " + "a" * 3000))) == 200
+        assert status(raw_exchange(port, head("X-Fits: " + "a" * 3000), pieces=40)) == 200
+        for big in (head("X-Big: " + "a" * 200_000),  # one header, at once
+                    head(*(f"X-{i}: " + "a" * 100 for i in range(60)))):  # many small ones
+            answer = raw_exchange(port, big)
+            assert status(answer) == 431, answer[:200]
+            assert "4,096-byte limit" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        # a header that never ends, sent in pieces: refused while it is still arriving
+        endless = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Endless: " + b"a" * 100_000
+        assert status(raw_exchange(port, endless, pieces=100)) == 431
+        assert call(base + "/health")[0] == 200  # and the server goes on
 
 
 def test_page_runs_a_search_in_a_headless_browser(live, tmp_path):

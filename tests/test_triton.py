@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -115,10 +117,24 @@ def pytriton_python():
         pytest.skip(f"the PyTriton environment cannot be built here: {str(exc)[:300]}")
 
 
+def http_status(url, body=None):
+    """(status, parsed JSON body or None) of one request."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body), timeout=30) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+    except (urllib.error.URLError, ConnectionError):
+        return None, None
+
+
 def test_live_triton_answers_as_the_builtin_server(served, gallery_inputs, pytriton_python, tmp_path):
     grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient (the dev extra) is not installed")
+    from tritonclient.utils import InferenceServerException
+
     retriever, g, gallery = served
     http, grpc, metrics = free_ports(3)
+    base = f"http://127.0.0.1:{http}"
     proc = subprocess.Popen([str(pytriton_python), "-m", "fbnet.runtime.cli", "triton", "--bundle",
                              str(retriever.bundle.root), "--gallery", str(gallery), "--shortlist", "5",
                              "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
@@ -127,15 +143,12 @@ def test_live_triton_answers_as_the_builtin_server(served, gallery_inputs, pytri
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
         deadline = time.time() + 120
-        while True:
+        while http_status(base + "/v2/health/ready")[0] != 200:  # what the docs tell a user to wait on
             assert proc.poll() is None, proc.stderr.read()
-            try:
-                if client.is_model_ready("fbnet_search_text") and client.is_model_ready("fbnet_search_image"):
-                    break
-            except Exception:  # noqa: BLE001  (not listening yet)
-                pass
             assert time.time() < deadline, "Triton did not become ready within 120 s"
-            time.sleep(0.5)
+            time.sleep(0.2)
+        # ready means both search models are loaded (not a few seconds before them)
+        assert client.is_model_ready("fbnet_search_text") and client.is_model_ready("fbnet_search_image")
 
         def ask(kind, value, top_k, shortlist=-1):
             inputs = [grpcclient.InferInput(kind, [1, 1], "BYTES"), grpcclient.InferInput("top_k", [1, 1], "INT32"),
@@ -161,11 +174,33 @@ def test_live_triton_answers_as_the_builtin_server(served, gallery_inputs, pytri
 
         want = builtin.search_images([ImageQuery(load_image(image, retriever.bundle.canvas), 3, 0)])[0]
         assert [h["caption"] for h in got["hits"]] == [h["caption"] for h in want["hits"]]
-        assert "empty caption" in ask("text", b"   ", 3)["error"]
-        assert "cannot decode" in ask("image", b"garbage", 3)["error"]
+        # a bad query is a request error (gRPC INVALID_ARGUMENT, HTTP 400), not a success
+        for kind, value, message in (("text", b"   ", "empty caption"), ("image", b"garbage", "cannot decode")):
+            with pytest.raises(InferenceServerException, match=message) as failed:
+                ask(kind, value, 3)
+            assert failed.value.status() == "StatusCode.INVALID_ARGUMENT"
+        infer = base + "/v2/models/fbnet_search_text/infer"
+        status, err = http_status(infer, json.dumps({"inputs": [
+            {"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [""]}]}).encode())
+        assert status == 400 and "empty caption" in err["error"] and "Traceback" not in err["error"]
+        # ... that fails alone: good queries batched with bad ones are answered
+        with ThreadPoolExecutor(8) as pool:
+            mixed = list(pool.map(lambda c: _answer_or_error(ask, c.encode()), ["", "a green triangle"] * 4))
+        assert [isinstance(m, InferenceServerException) for m in mixed] == [True, False] * 4
+        want = builtin.search_texts([TextQuery("a green triangle", 4)])[0]
+        assert all([h["index"] for h in m["hits"]] == [h["index"] for h in want["hits"]] for m in mixed[1::2])
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
     assert code == 0
     left = subprocess.run(["pgrep", "-f", f"tritonserver.*{http}"], capture_output=True, text=True).stdout
     assert not left.strip(), "a tritonserver process outlived the test"
+
+
+def _answer_or_error(ask, caption):
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return ask("text", caption, 4)
+    except InferenceServerException as exc:
+        return exc

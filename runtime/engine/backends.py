@@ -17,13 +17,17 @@ from typing import Protocol
 
 import numpy as np
 
+from fbnet.errors import FbnetError
+
 from .bundle import Bundle
 from .engine_tags import engine_name, gpu_compute_capability
 from .manifest import BundleError, GraphSpec
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(FbnetError, RuntimeError):
     """The requested backend cannot run on this host; the message says why and what to do."""
+
+    http_status = 503
 
 
 class Backend(Protocol):

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from fbnet import FORMAT_VERSION
 from fbnet.atomic import atomic_write_text
+from fbnet.errors import FbnetError
 from fbnet.jsonfile import read_json
 
 BUNDLE_KIND = "fbnet-bundle"
@@ -42,12 +45,16 @@ LEGACY_GALLERY_FORMAT = 1
 ENCODER_GRAPHS = ("detector", "image_encoder", "text_encoder")
 
 
-class BundleError(ValueError):
+class BundleError(FbnetError, ValueError):
     """A bundle is missing, altered or from another format version; the message names the file."""
 
+    http_status = 500  # the server's own files
 
-class GalleryError(ValueError):
+
+class GalleryError(FbnetError, ValueError):
     """A gallery is missing, incomplete or made with another bundle."""
+
+    http_status = 500  # the server's own files
 
 
 class _Record:
@@ -99,7 +106,43 @@ class _Record:
         if missing:
             raise cls.ERROR(f"{path}: missing {', '.join(missing)}")
         known = {k: v for k, v in data.items() if k in names}
+        hints = typing.get_type_hints(cls)
+        wrong = [k for k, v in known.items() if not _conforms(v, hints[k])]
+        if wrong:
+            raise cls.ERROR(f"{path}: malformed {cls.WHAT}: " + "; ".join(
+                f"{k} is {json.dumps(known[k])[:60]}, not {_describe(hints[k])}" for k in wrong))
         return {**known, "format_version": version}, {k: v for k, v in data.items() if k not in names | {"kind"}}
+
+
+def _conforms(value, hint) -> bool:
+    """Whether a JSON value fits a field's type (records written as mappings)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list or hint is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value if args)
+    if origin is tuple:
+        return isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
+                                               for k, v in value.items() if args)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if is_dataclass(hint):
+        return isinstance(value, (dict, hint))
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    name = getattr(origin or hint, "__name__", str(hint))
+    return f"{name}[{', '.join(_describe(a) for a in args)}]" if args else name
 
 
 def _without_none(known: dict, extra: dict) -> dict:
@@ -237,9 +280,15 @@ class Manifest(_Record):
 
     FILE, KIND, WHAT, ERROR, VERSIONS = "manifest.json", BUNDLE_KIND, "bundle manifest", BundleError, (FORMAT_VERSION,)
 
+    #: the graphs every bundle has (``detector`` and ``reranker`` are optional)
+    REQUIRED_GRAPHS = ("image_encoder", "text_encoder", "scorer")
+
     @classmethod
     def from_dict(cls, data: dict, path: str | Path = FILE) -> Manifest:
         known, extra = cls._checked(data, path)
+        missing = [g for g in cls.REQUIRED_GRAPHS if g not in known["graphs"]]
+        if missing:
+            raise BundleError(f"{path}: malformed manifest: no {', '.join(missing)} graph")
         try:
             return cls(**{**known, "model": ModelSpec(**known["model"]), "preprocess": Preprocess(**known["preprocess"]),
                           "graphs": {g: GraphSpec.from_dict(s) for g, s in known["graphs"].items()},

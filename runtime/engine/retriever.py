@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fbnet.errors import FbnetError
 from fbnet.preprocess import load_image
 from fbnet.vocab import tokenize
 from fbnet.windows import image_block_boxes
@@ -21,7 +22,7 @@ from .bundle import Bundle
 from .features import ImageFeatures, TextFeatures, as_float32, concat_images, real_units
 
 
-class QueryError(ValueError):
+class QueryError(FbnetError, ValueError):
     """A query is unusable (an empty caption, an unreadable image); the message says which."""
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fbnet.errors import FbnetError
+
 from ..engine.features import ImageFeatures, TextFeatures
 
 #: Below this many vectors the first stage is exact (one matrix product is fast enough).
@@ -59,15 +61,18 @@ def pooled_texts(feats: TextFeatures) -> np.ndarray:
     return _unit(feats.windows[level1_key(list(feats.windows))][:, 0])
 
 
-class FirstStageError(ValueError):
-    """A first-stage index file is unreadable or does not match its gallery; the message names it."""
+class FirstStageError(FbnetError, ValueError):
+    """A first-stage index file is unreadable or does not match its gallery, or no index fits the
+    memory budget; the message names it."""
+
+    http_status = 500  # the server's own files
 
 
 def choose_spec(n: int, d: int, memory_budget: int | None = None, kind: str = "auto") -> str:
     """The FAISS ``index_factory`` string for ``n`` vectors of ``d`` dims (see the module doc).
     ``kind``: ``auto``, ``flat``, ``ivf`` (IVF-Flat or IVF-PQ by the budget) or ``hnsw``."""
     if kind not in ("auto", "flat", "ivf", "hnsw"):
-        raise ValueError(f"first stage must be auto, flat, ivf or hnsw, not {kind!r}")
+        raise FirstStageError(f"first stage must be auto, flat, ivf or hnsw, not {kind!r}")
     if kind == "flat" or (kind == "auto" and n < FLAT_LIMIT):
         return "Flat"
     if kind == "hnsw":
@@ -79,7 +84,8 @@ def choose_spec(n: int, d: int, memory_budget: int | None = None, kind: str = "a
     for m in (64, 32, 16, 8, 4):
         if d % m == 0 and n * m <= memory_budget:
             return f"IVF{nlist},PQ{m}"
-    raise ValueError(f"{n:,} vectors do not fit a first-stage budget of {memory_budget:,} bytes even at 4 bytes each")
+    raise FirstStageError(f"{n:,} vectors do not fit a first-stage budget of {memory_budget:,} bytes even at 4 bytes "
+                          "each (--first-stage-memory)")
 
 
 class FirstStage:
@@ -135,9 +141,12 @@ class FirstStage:
         """A saved index, read straight from the file (a 1,000,000-image IVF-Flat index: 1.7 s and
         2.1 GB; reading the file into a buffer first took 20.8 s and peaked at 6.2 GB); ``expected``
         is the gallery's item count (a mismatch is refused)."""
-        import faiss
-
         path = Path(path)
+        try:
+            import faiss
+        except ImportError:
+            raise FirstStageError(f"{path}: this gallery's first stage needs faiss "
+                                  "(pip install 'fbnet[search]')") from None
         try:  # read straight from the file (no second in-memory copy of a multi-GB index)
             index = faiss.read_index(str(path))
         except Exception as exc:  # FAISS raises RuntimeError with its C++ message

@@ -45,6 +45,8 @@ class Gallery:
             raise GalleryError(f"{meta_path}: missing; is {root} a gallery made by `fbnet-serve-cli index`?{hint}")
         meta = GalleryMeta.load(meta_path)
         meta.check_bundle(bundle.identity, bundle.manifest_sha256, meta_path, bundle.root)
+        if list(meta.keys) != bundle.keys:
+            raise GalleryError(f"{meta_path}: keys {meta.keys} are not the bundle's {bundle.keys}")
         self.root, self.meta = root, meta
         try:
             self.images, self.captions = (
@@ -57,6 +59,13 @@ class Gallery:
             self.text_features = load_features(root, "texts", meta.keys, meta.coded) if self.captions else None
         except StoreError as exc:
             raise GalleryError(str(exc)) from None
+        for side, feats, n in (("images", self.image_features, len(self.images)),
+                               ("texts", self.text_features, len(self.captions))):
+            arrays = {} if feats is None else feats.blocks if side == "images" else feats.windows
+            for key, array in arrays.items():
+                if len(array) != n:
+                    raise GalleryError(f"{root / side / key}: holds {len(array):,} rows, {meta_path} lists {n:,} "
+                                       "items (mixed or damaged files); re-run `fbnet-serve-cli index`")
 
     def first_stage(self, side: str) -> FirstStage | None:
         """The first-stage index saved for ``side`` (``images`` or ``texts``), or None when the
@@ -72,12 +81,26 @@ def load_features(root: Path, side: str, keys: list[str], coded: dict | None = N
     """A side's arrays, memory-mapped, or decoded on demand for a coded store (None when the side
     is empty)."""
     coded = (coded or {}).get(side, {})
+    if not isinstance(coded, dict):
+        raise GalleryError(f"{root / GalleryMeta.FILE}: malformed coded.{side} (not a mapping)")
+    for k, entry in coded.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+            raise GalleryError(f"{root / GalleryMeta.FILE}: malformed coded.{side}.{k} (no shape list)")
     load = lambda k: CodedBlocks(root / side, k, coded[k]["shape"]) if k in coded else \
-        np.load(root / side / f"{k}.npy", mmap_mode="r")  # noqa: E731
+        _array(root / side / f"{k}.npy")  # noqa: E731
     if side == "images":
         if not (root / "images" / "fg_mask.npy").is_file():
             return None
-        return ImageFeatures({k: load(k) for k in keys}, np.load(root / "images" / "fg_mask.npy", mmap_mode="r"))
+        return ImageFeatures({k: load(k) for k in keys}, _array(root / "images" / "fg_mask.npy"))
     if not coded and not (root / "texts" / f"{keys[0]}.npy").is_file():
         return None
     return TextFeatures({k: load(k) for k in keys})
+
+
+def _array(path: Path) -> np.ndarray:
+    """A gallery array, memory-mapped; a missing or truncated file is a :class:`GalleryError` naming it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        reason = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
+        raise GalleryError(f"{path}: {reason}; re-run `fbnet-serve-cli index`") from None

@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from fbnet.atomic import atomic_write
+from fbnet.errors import FbnetError
 
 
-class ItemsError(ValueError):
+class ItemsError(FbnetError, ValueError):
     """An item file is missing, truncated or does not match its offsets; the message names it."""
+
+    http_status = 500  # the server's own files
 
 
 def write_items(directory: Path, side: str, values) -> int:

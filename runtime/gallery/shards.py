@@ -172,7 +172,7 @@ def finish_shards(bundle: Bundle, out: str | Path, jobs: list[ShardJob], shard_s
     out = Path(out)
     missing = [str(j.path) for j in jobs if not (j.path / "gallery.json").is_file()]
     if missing:
-        raise RuntimeError(f"shards not built: {', '.join(missing)}")
+        raise GalleryError(f"shards not built: {', '.join(missing)}; run the index job again to build them")
     ShardsMeta([ShardEntry(j.path.name, len(j.images), len(j.captions)) for j in jobs], shard_size,
                encoders=bundle.identity).save(out / SHARDS_FILE)
     return out

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fbnet.errors import FbnetError
+
 PLAIN = ("float32", "float16")
 CODED = {"sq8": "SQ8", "sq4": "SQ4", "residual4": "IVF256,SQ4", "pq": "PQ{m}"}
 STORES = (*PLAIN, *CODED)
@@ -44,13 +46,15 @@ TRAIN_SAMPLE = 65_536
 UNCODED_KEYS = ("B1",)
 
 
-class StoreError(ValueError):
+class StoreError(FbnetError, ValueError):
     """A coded store's file is missing, truncated or corrupt; the message names it."""
+
+    http_status = 500  # the server's own files
 
 
 def codec_spec(store: str, d: int) -> str:
     if store not in CODED:
-        raise ValueError(f"store must be one of {', '.join(STORES)}, not {store!r}")
+        raise StoreError(f"store must be one of {', '.join(STORES)}, not {store!r}")
     return CODED[store].format(m=d // 8)
 
 
@@ -126,8 +130,11 @@ class CodedBlocks(LazyRows):
     float32 unit vectors, zero past each item's real blocks (as the image encoder pads)."""
 
     def __init__(self, directory: Path, key: str, shape: list[int]):
-        import faiss
-
+        try:
+            import faiss
+        except ImportError:
+            raise StoreError(f"{directory / key}: a coded gallery store needs faiss (pip install 'fbnet[search]')") \
+                from None
         self.key, self.shape, self.dtype = key, tuple(shape), np.dtype(np.float32)
         paths = {p: directory / f"{key}.{p}" for p in ("codes.npy", "offsets.npy", "codec.faiss")}
         for p in paths.values():

@@ -24,12 +24,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from fbnet.errors import FbnetError
+
 #: ``handler(payloads) -> results``: one result (or an exception instance) per payload, in order
 Handler = Callable[[list[Any]], list[Any]]
 
 
-class QueueFull(RuntimeError):
+class QueueFull(FbnetError, RuntimeError):
     """The request queue is full; try again later."""
+
+    http_status = 503
 
 
 @dataclass
@@ -70,7 +74,7 @@ class MicroBatcher:
         if not self._accepting:
             raise QueueFull("the server is shutting down")
         if self._queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.max_queue} requests are already queued")
+            raise QueueFull(f"busy: {self.max_queue} requests are already queued; retry shortly")
         request = _Request(kind, payload)
         self._queue.put(request)
         return request.future

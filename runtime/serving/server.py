@@ -4,7 +4,7 @@ worker (:mod:`fbnet.runtime.serving.batching`), Prometheus metrics and a search 
 ::
 
     fbnet-serve-cli serve --bundle B --gallery G [--host 127.0.0.1] [--port 8080]
-                          [--max-batch 64] [--max-wait-ms 0] [--max-queue 256]
+                          [--max-batch 64] [--max-wait-ms 0] [--max-queue 256] [--max-header-bytes 16384]
 
 ======================  ==================================================================
 ``GET /``               the search page (type a caption, or drop an image)
@@ -21,11 +21,14 @@ worker (:mod:`fbnet.runtime.serving.batching`), Prometheus metrics and a search 
 Every answer is JSON: ``{"backend", "results": [one query's hits, as the CLI's --json], "ms"}``,
 or ``{"error": ...}`` with 400 (bad JSON, empty caption, bad parameter, undecodable image),
 404, 405, 408 (a body not received within ``body_timeout``), 413 (body over ``max_body`` bytes,
-or an image declaring over ``max_pixels``, found from its header before decoding), 503 (queue
-full or still loading; with ``Retry-After``), 504 (no answer within ``request_timeout``), or 500
-with an ``error_id`` that the log line of the failure also holds. Each request logs one line
-with its status and latency. SIGTERM (or Ctrl-C) stops accepting, answers the requests in
-flight, drains the queue and exits 0.
+or an image declaring over ``max_pixels``, found from its header before decoding), 431 (request
+line and headers over ``max_header_bytes``: :mod:`fbnet.runtime.serving.http_limits`), 503 (queue
+full or still loading; with ``Retry-After``), 504 (no answer within ``request_timeout``), 500 for
+a gallery file found damaged while answering, or 500 with an ``error_id`` that the log line of
+the failure also holds (anything unexpected). Every expected failure is an
+:class:`~fbnet.errors.FbnetError` answered with its ``http_status``; the server catches nothing
+narrower. Each request logs one line with its status and latency. SIGTERM (or Ctrl-C) stops
+accepting, answers the requests in flight, drains the queue and exits 0.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from fbnet.preprocess import MAX_PIXELS, ImageError, ImageTooLarge, load_image
+from fbnet.errors import FbnetError
+from fbnet.preprocess import MAX_PIXELS, load_image
 
-from ..engine.retriever import QueryError
-from .batching import MicroBatcher, QueueFull
+from .batching import MicroBatcher
+from .http_limits import MAX_HEADER_BYTES, bounded_protocol, head_bytes, head_error
 from .metrics import ServerMetrics
 from .service import ImageQuery, SearchService, TextQuery
 
@@ -73,6 +77,7 @@ class ServeConfig:
     body_timeout: float = 10.0     #: seconds to receive a body before 408
     request_timeout: float = 30.0  #: seconds from submit to answer before 504
     decode_threads: int = 2        #: image decodes at once (outside the inference worker)
+    max_header_bytes: int = MAX_HEADER_BYTES  #: request line + headers before 431
 
 
 class SearchServer:
@@ -93,7 +98,8 @@ class SearchServer:
                   Route("/search/image", self.search_image, methods=["POST"]),
                   Route("/gallery/image/{index:int}", self.gallery_image)]
         app = Starlette(routes=routes, lifespan=self._lifespan,
-                        exception_handlers={HTTPException: self._http_error, Exception: _internal_error})
+                        exception_handlers={HTTPException: self._http_error, FbnetError: self._fbnet_error,
+                                            Exception: _internal_error})
         self.app = _Observed(app, self)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -169,14 +175,9 @@ class SearchServer:
         if not body:
             raise HTTPException(400, "empty body: send the image file's bytes")
         service = self._service()
-        try:
-            canvas = await anyio.to_thread.run_sync(
-                lambda: load_image(io.BytesIO(body), service.retriever.bundle.canvas, name="uploaded image",
-                                   max_pixels=self.config.max_pixels), limiter=self._decode_limit)
-        except ImageTooLarge as exc:
-            raise HTTPException(413, str(exc)) from None
-        except ImageError as exc:
-            raise HTTPException(400, str(exc)) from None
+        canvas = await anyio.to_thread.run_sync(  # an ImageError answers 400, ImageTooLarge 413
+            lambda: load_image(io.BytesIO(body), service.retriever.bundle.canvas, name="uploaded image",
+                               max_pixels=self.config.max_pixels), limiter=self._decode_limit)
         return await self._answer("image", ImageQuery(canvas, top_k, shortlist, nprobe=nprobe))
 
     async def gallery_image(self, request: Request) -> Response:
@@ -222,21 +223,26 @@ class SearchServer:
         t0 = time.perf_counter()
         try:
             future = self.batcher.submit(kind, query)
-        except QueueFull as exc:
+        except FbnetError:  # QueueFull: 503 with Retry-After
             self.metrics.rejected.inc()
-            raise HTTPException(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
+            raise
         waiting = asyncio.wrap_future(future)
-        try:
+        try:  # the query's own FbnetError (an empty caption) propagates to _fbnet_error
             result = await asyncio.wait_for(waiting, self.config.request_timeout)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"no answer within {self.config.request_timeout:g} s") from None
-        except (QueryError, ImageError) as exc:
-            raise HTTPException(400, str(exc)) from None
         return JSONResponse({"backend": service.backend, "results": [result],
                              "ms": round((time.perf_counter() - t0) * 1000, 3)})
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+    async def _fbnet_error(self, request: Request, exc: FbnetError) -> Response:
+        """An expected failure: its message, with its ``http_status`` (``Retry-After`` on 503)."""
+        if exc.http_status == 500:  # the server's own files: the operator needs to know
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        headers = {"Retry-After": "1"} if exc.http_status == 503 else None
+        return JSONResponse({"error": str(exc)}, exc.http_status, headers=headers)
 
 
 def _internal_error(request: Request, exc: Exception) -> Response:
@@ -279,7 +285,11 @@ class _Observed:
             await send(message)
 
         try:
-            await self.app(scope, receive, tracked_send)
+            limit = self.server.config.max_header_bytes
+            if head_bytes(scope) > limit:  # before any route (a head still arriving: http_limits)
+                await JSONResponse({"error": head_error(limit)}, 431)(scope, receive, tracked_send)
+            else:
+                await self.app(scope, receive, tracked_send)
         except Exception as exc:  # noqa: BLE001  (Starlette re-raises what it answered as a 500)
             if not started:  # failed outside Starlette's handlers: answer here
                 response = _internal_error(Request(scope), exc)
@@ -292,23 +302,34 @@ class _Observed:
         log.info('%s "%s %s" %d %.1fms', client[0], scope["method"], path, status, seconds * 1000)
 
 
+class ListenError(FbnetError, OSError):
+    """The server cannot listen where it was asked to (the port is taken, not permitted, ...)."""
+
+
 def listen(host: str = "127.0.0.1", port: int = 8080, backlog: int = 4096) -> socket.socket:
     """A listening TCP socket (``port=0``: any free port; see ``getsockname()``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host, --port)") from None
     return sock
 
 
 def uvicorn_server(server: SearchServer, http: str = "auto"):
-    """The uvicorn server for ``server.app`` (``http``: ``h11``, ``httptools`` or ``auto``); set its
-    ``should_exit`` to stop it as SIGTERM does."""
+    """The uvicorn server for ``server.app`` (``http``: ``h11``, ``httptools`` or ``auto``), its
+    request heads bounded by ``server.config.max_header_bytes``; set its ``should_exit`` to stop it
+    as SIGTERM does."""
     import uvicorn
 
-    config = uvicorn.Config(server.app, http=http, lifespan="on", log_level="warning", access_log=False,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=server.config.request_timeout)
+    config = uvicorn.Config(server.app, http=bounded_protocol(http), lifespan="on", log_level="warning",
+                            access_log=False, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=server.config.request_timeout,
+                            h11_max_incomplete_event_size=server.config.max_header_bytes)
     return uvicorn.Server(config)
 
 

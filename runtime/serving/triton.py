@@ -1,20 +1,25 @@
 """FB-Net search on Triton Inference Server: the same :class:`SearchService` as the built-in server.
 
-Two ways in, sharing the request format and the conversion below:
+``fbnet_search_text`` and ``fbnet_search_image`` are Python-backend models
+(:class:`TritonPythonModel`: ``initialize`` / ``execute``) that run the two-stage search. They
+come two ways:
 
-* **Model repository** (``fbnet export --triton REPO``, :mod:`fbnet.export.triton`): the bundle's graphs
-  as ``onnxruntime_onnx`` (and ``tensorrt_plan``) models, and ``fbnet_search_text`` /
-  ``fbnet_search_image`` as Python-backend models (:class:`TritonPythonModel`). Those run the
-  two-stage search with :class:`BLSBackend`, whose ``run(graph, feeds)`` is a BLS call to the graph's
-  model, so Triton batches and places the graphs and the search logic is the runtime's own.
-* **PyTriton** (``fbnet-serve-cli triton``, :func:`serve_pytriton`): Triton's server binary runs
-  the runtime's search as a Python model, with ONNX Runtime sessions in this process.
+* **Model repository** (``fbnet export --triton REPO``, :mod:`fbnet.export.triton`): beside the
+  bundle's graphs as ``onnxruntime_onnx`` (and ``tensorrt_plan``) models, the search models run
+  with :class:`BLSBackend`, whose ``run(graph, feeds)`` is a BLS call to the graph's model, so
+  Triton batches and places the graphs and the search logic is the runtime's own.
+* **PyTriton's server** (``fbnet-serve-cli triton``, :func:`serve_triton`): the Triton server
+  binary and Python backend that ``nvidia-pytriton`` ships, given a repository of the two search
+  models alone, which run the graphs with ONNX Runtime (or TensorRT) inside their backend
+  process. They are in the repository when the server starts, so ``/v2/health/ready`` answers 200
+  only once both are loaded and warm.
 
 Request: ``text`` (or ``image``: the file's bytes) as BYTES ``[1]``, optional ``top_k``,
 ``shortlist`` and ``nprobe`` INT32 ``[1]`` (``shortlist`` -1: the server's default; 0: exhaustive;
-``nprobe``: IVF lists the first stage visits, -1 the index's default). Answer:
-``result``, BYTES ``[1]``: the JSON the built-in server puts in ``results[0]`` (an error is
-``{"error": ...}`` in the Python-backend models' per-request error instead).
+``nprobe``: IVF lists the first stage visits, -1 the index's default). Answer: ``result``, BYTES
+``[1]``: the JSON the built-in server puts in ``results[0]``. A bad query (an empty caption, an
+undecodable image, ``top_k`` 0) fails alone, as a request error with Triton's ``INVALID_ARG``
+code (HTTP 400, gRPC ``INVALID_ARGUMENT``); the other requests of its batch are answered.
 """
 
 from __future__ import annotations
@@ -22,10 +27,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sysconfig
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
+from fbnet.errors import FbnetError
 from fbnet.preprocess import MAX_PIXELS, ImageError, load_image
 
 from ..engine.manifest import GraphSpec
@@ -36,6 +45,9 @@ GRAPH_MODEL = "fbnet_{graph}"
 SEARCH_INPUTS = {kind: [(kind, "TYPE_STRING", False), ("top_k", "TYPE_INT32", True),
                         ("shortlist", "TYPE_INT32", True), ("nprobe", "TYPE_INT32", True)] for kind in ("text", "image")}
 SEARCH_OUTPUTS = [("result", "TYPE_STRING", False)]
+SEARCH_MODEL = "fbnet_search_{kind}"
+MODEL_PY = '"""Triton Python backend entry point: fbnet two-stage search (see fbnet.runtime.serving.triton)."""\n' \
+           "from fbnet.runtime.serving.triton import TritonPythonModel  # noqa: F401\n"
 
 
 def batch_axis(spec: GraphSpec) -> str | None:
@@ -92,11 +104,20 @@ def answer(service: SearchService, kind: str, queries: list) -> list[dict | Exce
     return out
 
 
-def result_json(result: dict | Exception) -> bytes:
-    return json.dumps({"error": str(result)} if isinstance(result, Exception) else result).encode()
+def result_json(result: dict) -> bytes:
+    return json.dumps(result).encode()
 
 
-# -- Python backend (BLS) ---------------------------------------------------------------------------
+def triton_error(pb_utils, exc: Exception):
+    """A request's Triton error: ``INVALID_ARG`` (HTTP 400) for a bad query, ``UNAVAILABLE`` (503)
+    or ``INTERNAL`` (500) for the rest (a Python backend without error codes: its default)."""
+    status = exc.http_status if isinstance(exc, FbnetError) else 500
+    code = "INVALID_ARG" if status < 500 else "UNAVAILABLE" if status == 503 else "INTERNAL"
+    error_type = pb_utils.TritonError
+    return error_type(str(exc), getattr(error_type, code)) if hasattr(error_type, code) else error_type(str(exc))
+
+
+# -- the search models (Python backend) -------------------------------------------------------------
 class BLSBackend:
     """A runtime backend whose graphs are models of the same Triton server (BLS calls)."""
 
@@ -122,11 +143,15 @@ class BLSBackend:
 
 
 class TritonPythonModel:
-    """``fbnet_search_text`` / ``fbnet_search_image`` (``model.py`` of the repository imports this)."""
+    """``fbnet_search_text`` / ``fbnet_search_image`` (``model.py`` of the repository imports this).
+    Its ``parameters``: ``kind``, ``bundle``, ``gallery``, ``shortlist``, and ``backend``: ``bls``
+    (the graphs are models of this server; ``graph_suffix`` picks ``_trt`` ones) or a runtime
+    backend (``onnxruntime``, ``tensorrt``, ``auto``; with ``rerank_lanes``), then warmed here."""
 
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415  (only inside Triton)
 
+        from ..engine.backends import select_backend
         from ..engine.bundle import open_bundle
         from ..engine.retriever import Retriever
         from ..gallery.shards import open_gallery
@@ -135,15 +160,23 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.pb, self.kind = pb_utils, params["kind"]
         bundle = open_bundle(params["bundle"])
-        retriever = Retriever(bundle, BLSBackend(bundle, pb_utils, params["graph_suffix"]))
-        self.service = SearchService(retriever, open_gallery(params["gallery"], bundle), int(params["shortlist"]))
+        backend = params.get("backend", "bls")
+        self.max_pixels = int(params.get("max_pixels", MAX_PIXELS))
+        if backend == "bls":
+            retriever = Retriever(bundle, BLSBackend(bundle, pb_utils, params.get("graph_suffix", "")))
+        else:
+            retriever = Retriever(bundle, select_backend(bundle, backend))
+        self.service = SearchService(retriever, open_gallery(params["gallery"], bundle), int(params["shortlist"]),
+                                     int(params.get("rerank_lanes", 0)))
+        if backend != "bls":  # a BLS model's graphs may still be loading
+            self.service.warm()
 
     def execute(self, requests):
         pb, per_request, queries = self.pb, [], []
         for request in requests:
             tensors = {name: t.as_numpy() for name, _, _ in SEARCH_INPUTS[self.kind]
                        if (t := pb.get_input_tensor_by_name(request, name)) is not None}
-            rows = parse_rows(self.kind, tensors, self.service.retriever.bundle.canvas)
+            rows = parse_rows(self.kind, tensors, self.service.retriever.bundle.canvas, self.max_pixels)
             per_request.append(len(rows))
             queries += rows
         results, responses, start = answer(self.service, self.kind, queries), [], 0
@@ -151,44 +184,76 @@ class TritonPythonModel:
             mine, start = results[start: start + n], start + n
             failed = next((r for r in mine if isinstance(r, Exception)), None)
             if failed is not None:
-                responses.append(pb.InferenceResponse(error=pb.TritonError(str(failed))))
+                responses.append(pb.InferenceResponse(error=triton_error(pb, failed)))
             else:
                 out = np.array([[result_json(r)] for r in mine], dtype=np.object_)
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor("result", out)]))
         return responses
 
 
-# -- PyTriton ---------------------------------------------------------------------------------------
-def serve_pytriton(service: SearchService, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
-                   metrics_port: int = 8002, max_batch: int = 64, max_wait_us: int = 0, log_file: str | None = None):
-    """Start Triton (PyTriton) serving ``fbnet_search_text`` and ``fbnet_search_image`` and return the
-    running ``Triton`` object (``.stop()`` ends it). Needs ``nvidia-pytriton`` (numpy < 2: see
-    ``constraints-pytriton.txt``)."""
+def search_config(kind: str, params: dict[str, str], max_batch: int, max_wait_us: int) -> str:
+    """``config.pbtxt`` of ``fbnet_search_<kind>``: Python backend, dynamic batching, ``params``."""
+    def tensors(specs):
+        return ",\n".join("  {\n" + f'    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]' +
+                          ("\n    optional: true" if opt else "") + "\n  }" for n, t, opt in specs)
+
+    return "\n".join([
+        f'name: "{SEARCH_MODEL.format(kind=kind)}"', 'backend: "python"', f"max_batch_size: {max_batch}",
+        "input [\n" + tensors(SEARCH_INPUTS[kind]) + "\n]", "output [\n" + tensors(SEARCH_OUTPUTS) + "\n]",
+        "instance_group [ { count: 1, kind: KIND_CPU } ]",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {max_wait_us} }}",
+        *(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in {"kind": kind, **params}.items()),
+    ]) + "\n"
+
+
+def write_search_models(repository: Path, params: dict[str, str], max_batch: int, max_wait_us: int) -> None:
+    """``fbnet_search_text`` and ``fbnet_search_image`` (``model.py`` + ``config.pbtxt``) in ``repository``."""
+    for kind in ("text", "image"):
+        model = Path(repository) / SEARCH_MODEL.format(kind=kind)
+        (model / "1").mkdir(parents=True)
+        (model / "1" / "model.py").write_text(MODEL_PY)
+        (model / "config.pbtxt").write_text(search_config(kind, params, max_batch, max_wait_us))
+
+
+# -- PyTriton's server ------------------------------------------------------------------------------
+class RunningTriton:
+    """A Triton server started by :func:`serve_triton`; :meth:`stop` ends it and removes its repository."""
+
+    def __init__(self, triton, repository: Path):
+        self.triton, self.repository = triton, repository
+
+    def stop(self) -> None:
+        try:
+            self.triton.stop()
+        finally:
+            shutil.rmtree(self.repository, ignore_errors=True)
+
+
+def serve_triton(bundle: str | Path, gallery: str | Path, host: str = "127.0.0.1", http_port: int = 8000,
+                 grpc_port: int = 8001, metrics_port: int = 8002, shortlist: int = 100, backend: str = "auto",
+                 max_batch: int = 64, max_wait_us: int = 0, rerank_lanes: int = 0, log_file: str | None = None,
+                 max_pixels: int = MAX_PIXELS) -> RunningTriton:
+    """Start Triton (the server ``nvidia-pytriton`` ships) with a repository of the two search models
+    over ``bundle`` and ``gallery``; return once both are loaded and warm (``/v2/health/ready`` is
+    200 from then on, not before). Needs ``nvidia-pytriton`` (numpy < 2: see ``constraints-pytriton.txt``)."""
     # Triton's Python-backend stub links libpython: make it this interpreter's, not another install's
     if sysconfig.get_config_var("Py_ENABLE_SHARED"):
         libdir = sysconfig.get_config_var("LIBDIR")
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p)
-    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-                          metrics_address=host, metrics_port=metrics_port, allow_metrics=True,
-                          allow_gpu_metrics=False, exit_timeout_secs=5, log_file=log_file)
+    repository = Path(tempfile.mkdtemp(prefix="fbnet-triton-"))
+    params = {"bundle": str(Path(bundle).resolve()), "gallery": str(Path(gallery).resolve()),
+              "shortlist": str(shortlist), "backend": backend, "rerank_lanes": str(rerank_lanes),
+              "max_pixels": str(max_pixels)}
+    write_search_models(repository, params, max_batch, max_wait_us)
+    config = TritonConfig(model_repository=repository, http_address=host, http_port=http_port, grpc_address=host,
+                          grpc_port=grpc_port, metrics_address=host, metrics_port=metrics_port, allow_metrics=True,
+                          allow_gpu_metrics=False, strict_readiness=True, exit_timeout_secs=5, log_file=log_file)
     triton = Triton(config=config)
-    canvas = service.retriever.bundle.canvas
-    for kind in ("text", "image"):
-        def infer(requests, kind=kind):
-            per_request = [parse_rows(kind, dict(r.items()), canvas) for r in requests]
-            results = iter(answer(service, kind, [q for rows in per_request for q in rows]))
-            return [{"result": np.array([[result_json(next(results))] for _ in rows], dtype=np.object_)}
-                    for rows in per_request]
-
-        triton.bind(model_name=f"fbnet_search_{kind}", infer_func=infer,
-                    inputs=[Tensor(name=n, dtype=np.bytes_ if t == "TYPE_STRING" else np.int32, shape=(1,),
-                                   optional=opt) for n, t, opt in SEARCH_INPUTS[kind]],
-                    outputs=[Tensor(name="result", dtype=np.bytes_, shape=(1,))],
-                    config=ModelConfig(max_batch_size=max_batch,
-                                       batcher=DynamicBatcher(max_queue_delay_microseconds=max_wait_us)),
-                    strict=True)
-    triton.run()
-    return triton
+    try:
+        triton.run()  # returns when the server is ready: the repository's models loaded
+    except BaseException:
+        RunningTriton(triton, repository).stop()
+        raise
+    return RunningTriton(triton, repository)

@@ -19,11 +19,13 @@ import sys
 import venv
 from pathlib import Path
 
+from fbnet.errors import FbnetError
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: runtime/serving/triton_env.py
 CONSTRAINTS = ROOT / "constraints-pytriton.txt"
 
 
-class TritonEnvError(RuntimeError):
+class TritonEnvError(FbnetError, RuntimeError):
     """The environment cannot be built; the message says why."""
 
 
