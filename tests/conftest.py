@@ -43,32 +43,36 @@ train: {epochs: 1, batch_size: 16, fusion_grid: [1.0], global_grid: [1.0]}
 """
 
 
+def cli_ok(*args) -> str:
+    """Run ``fbnet ARGS`` in-process; it must succeed. Returns its output."""
+    from fbnet.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def train_through_cli(root: Path, config: str, *synth_args) -> Path:
+    """``fbnet data synth`` into ``root/data``, then ``fbnet train`` with ``config`` into ``root/run``."""
+    (root / "cfg.yaml").write_text(config)
+    cli_ok("data", "synth", "--out", root / "data", *synth_args)
+    cli_ok("train", "--data", root / "data", "--config", root / "cfg.yaml", "--out", root / "run")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A tiny FB-Net given one epoch on 12 synthetic 64 px images through the CLI: untrained in
     effect, made in seconds, so that the fast tier runs every stage (``root/data``, ``root/run``)."""
-    from fbnet.cli import main
-
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "cfg.yaml").write_text(TINY_CONFIG)
-    res = CliRunner().invoke(main, ["data", "synth", "--out", str(root / "data"), "--sizes", "12,4,4", "--seed", "1",
-                                    "--image-size", "64"])
-    assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(main, ["train", "--data", str(root / "data"), "--config", str(root / "cfg.yaml"),
-                                    "--out", str(root / "run")])
-    assert res.exit_code == 0, res.output
-    return root
+    return train_through_cli(tmp_path_factory.mktemp("tiny"), TINY_CONFIG, "--sizes", "12,4,4", "--seed", "1",
+                             "--image-size", "64")
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run):
     """The tiny run exported (``--fp16``: engines are built where TensorRT and a GPU are, else skipped)."""
-    from fbnet.cli import main
-
-    out = tiny_run / "bundle"
-    res = CliRunner().invoke(main, ["export", str(tiny_run / "run" / "best.pt"), "--out", str(out), "--fp16"])
-    assert res.exit_code == 0, res.output
-    return out
+    cli_ok("export", tiny_run / "run" / "best.pt", "--out", tiny_run / "bundle", "--fp16")
+    return tiny_run / "bundle"
 
 
 #: Fixtures that train through the CLI (minutes) or start a cluster or a server's environment: a
@@ -97,28 +101,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny FB-Net trained through the CLI (shared by the end-to-end, export and runtime tests)."""
-    from fbnet.cli import main
-
-    root = tmp_path_factory.mktemp("e2e")
-    (root / "cfg.yaml").write_text(CONFIG)
-    runner = CliRunner()
-    res = runner.invoke(main, ["data", "synth", "--out", str(root / "data"), "--sizes", "300,60,60", "--seed", "1"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["train", "--data", str(root / "data"), "--config", str(root / "cfg.yaml"),
-                               "--out", str(root / "run")])
-    assert res.exit_code == 0, res.output
-    return root
+    return train_through_cli(tmp_path_factory.mktemp("e2e"), CONFIG, "--sizes", "300,60,60", "--seed", "1")
 
 
 @pytest.fixture(scope="session")
 def bundle(trained):
-    from fbnet.cli import main
-
     out = trained / "bundle"
     if not out.exists():
-        res = CliRunner().invoke(main, ["export", str(trained / "run" / "best.pt"), "--out", str(out), "--fp16"])
-        assert res.exit_code == 0, res.output
-        assert "engines not built" in res.output and "--engines-only" in res.output
+        output = cli_ok("export", trained / "run" / "best.pt", "--out", out, "--fp16")
+        assert "engines not built" in output and "--engines-only" in output
     return out
 
 

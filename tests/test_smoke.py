@@ -17,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
-from fbnet.cli import main
+from conftest import cli_ok
 
 SERVE_CLI = [sys.executable, "-c", "import sys; sys.argv[0] = 'fbnet-serve-cli'; "
              "from fbnet.runtime.cli import console; console()"]
@@ -29,12 +27,6 @@ def serve_cli(*args, ok=True) -> str:
     done = subprocess.run([*SERVE_CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
     assert (done.returncode == 0) == ok, (args, done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     return done.stdout
-
-
-def fbnet(*args) -> str:
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    assert res.exit_code == 0, (args, res.output[-3000:], res.exception)
-    return res.output
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +56,17 @@ def test_evaluate_parity_and_ensemble(tiny_run, tiny_bundle, tmp_path):
     from fbnet.info import describe
 
     best = tiny_run / "run" / "best.pt"
-    assert "R@sum" in fbnet("evaluate", best, "--split", "test", "--out", tmp_path / "eval")
-    fbnet("parity", best, tiny_bundle, "--split", "test", "--backend", "onnxruntime", "--json", tmp_path / "p.json")
+    assert "R@sum" in cli_ok("evaluate", best, "--split", "test", "--out", tmp_path / "eval")
+    cli_ok("parity", best, tiny_bundle, "--split", "test", "--backend", "onnxruntime", "--json", tmp_path / "p.json")
     assert json.loads((tmp_path / "p.json").read_text())
-    fbnet("ensemble", best, best, "--out", tmp_path / "pair.yaml", "--grid", "1")
-    assert "R@sum" in fbnet("evaluate", tmp_path / "pair.yaml", "--split", "test")
+    cli_ok("ensemble", best, best, "--out", tmp_path / "pair.yaml", "--grid", "1")
+    assert "R@sum" in cli_ok("evaluate", tmp_path / "pair.yaml", "--split", "test")
     assert describe(tmp_path / "pair.yaml")
 
 
 def test_int8_export(tiny_bundle, tmp_path):
     bundle = shutil.copytree(tiny_bundle, tmp_path / "int8")  # SOURCE may be a bundle: quantized in place
-    fbnet("export", bundle, "--int8", "--calibration-images", "4")
+    cli_ok("export", bundle, "--int8", "--calibration-images", "4")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["quantization"]["graphs"] == ["detector"]
 
@@ -158,7 +150,7 @@ def test_triton_requests_and_repository(tiny_run, tiny_bundle, gallery, tmp_path
     assert json.loads(result_json(out[0]))["hits"] and "error" in json.loads(result_json(out[1]))
     assert batch_axis(service.retriever.bundle.manifest.graphs["text_encoder"])
 
-    fbnet("export", tiny_bundle, "--triton", tmp_path / "repo", "--gallery", gallery / "gallery")
+    cli_ok("export", tiny_bundle, "--triton", tmp_path / "repo", "--gallery", gallery / "gallery")
     assert (tmp_path / "repo" / "fbnet_search_text" / "config.pbtxt").is_file()
     assert (tmp_path / "repo" / "fbnet_text_encoder" / "config.pbtxt").is_file()
     assert any(r.startswith("nvidia-pytriton") for r in _requirements()) and default_dir().name
