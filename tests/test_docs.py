@@ -113,7 +113,7 @@ def test_serving_doc_commands_run_as_written(new_user):
 def test_quick_start_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install --quiet --progress-bar off -c constraints.txt -e ".[dev]"' in ci
-    assert re.search(r"^python3 -m pytest$", ci, re.M)
+    assert re.search(r"^python3 -m pytest$", ci, re.MULTILINE)
     readme = (ROOT / "README.md").read_text()
     assert "```bash\npython3 -m pytest\n```" in readme and 'python3 -m pytest -m "not slow"' in readme
 

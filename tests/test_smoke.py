@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from conftest import cli_ok
 
-SERVE_CLI = [sys.executable, "-c", "import sys; sys.argv[0] = 'fbnet-serve-cli'; "
-             "from fbnet.runtime.cli import console; console()"]
+SERVE_CLI = [sys.executable, "-c", ("import sys; sys.argv[0] = 'fbnet-serve-cli'; "
+                                    "from fbnet.runtime.cli import console; console()")]
 
 
 def serve_cli(*args, ok=True) -> str:
-    done = subprocess.run([*SERVE_CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*SERVE_CLI, *map(str, args)], capture_output=True, text=True, timeout=300, check=False)
     assert (done.returncode == 0) == ok, (args, done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     return done.stdout
 
@@ -76,7 +76,7 @@ def _hits(out: str) -> list[list[int]]:
 
 
 def test_galleries_and_queries_through_the_cli(tiny_run, tiny_bundle, gallery, tmp_path):
-    image = sorted((tiny_run / "data" / "images").iterdir())[0]
+    image = min((tiny_run / "data" / "images").iterdir())
     common = ["--bundle", tiny_bundle, "--top-k", "3", "--json"]
     plain = gallery / "gallery"
     two_stage = serve_cli(image, "--text", "a big red circle on grass", "--gallery", plain, "--shortlist", "20", *common)
@@ -112,7 +112,7 @@ def test_http_server_answers(tiny_run, tiny_bundle, gallery):
     userver = uvicorn_server(server, "h11")
     thread = threading.Thread(target=userver.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    base = "http://127.0.0.1:%d" % sock.getsockname()[1]
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     def get(path, data=None):
         with urllib.request.urlopen(urllib.request.Request(base + path, data=data), timeout=60) as r:
@@ -123,7 +123,7 @@ def test_http_server_answers(tiny_run, tiny_bundle, gallery):
         assert json.loads(get("/ready"))["status"] == "ready"
         text = json.loads(get("/search/text", json.dumps({"text": "a big red circle", "top_k": 2}).encode()))
         assert len(text["results"][0]["hits"]) == 2
-        image = sorted((tiny_run / "data" / "images").iterdir())[0]
+        image = min((tiny_run / "data" / "images").iterdir())
         assert json.loads(get("/search/image?top_k=2", image.read_bytes()))["results"][0]["hits"]
         assert b"fbnet_requests_total" in get("/metrics") and b"<html" in get("/").lower()
     finally:
@@ -139,7 +139,7 @@ def test_triton_requests_and_repository(tiny_run, tiny_bundle, gallery, tmp_path
     from fbnet.runtime.serving.triton_env import _requirements, default_dir
 
     service = _service(tiny_bundle, gallery / "gallery")
-    image = sorted((tiny_run / "data" / "images").iterdir())[0].read_bytes()
+    image = min((tiny_run / "data" / "images").iterdir()).read_bytes()
     texts = parse_rows("text", {"text": np.array([[b"a big red circle"], [b"a dog"]], dtype=object),
                                 "top_k": np.array([[2], [0]], dtype=np.int32)}, canvas=64)
     assert isinstance(texts[0], TextQuery) and isinstance(texts[1], Exception)  # top_k 0 is refused
