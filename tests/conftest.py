@@ -33,31 +33,83 @@ train:
 """
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """A tiny FB-Net trained through the CLI (shared by the end-to-end, export and runtime tests)."""
+TINY_CONFIG = """
+model:
+  embed_dim: 32
+  word_dim: 16
+  backbone: {name: detector, mode: roi, image_size: 64}
+  detector: {name: fasterrcnn_light, epochs: 1, batch_size: 4, max_boxes: 2}
+train: {epochs: 1, batch_size: 16, fusion_grid: [1.0], global_grid: [1.0]}
+"""
+
+
+def cli_ok(*args) -> str:
+    """Run ``fbnet ARGS`` in-process; it must succeed. Returns its output."""
     from fbnet.cli import main
 
-    root = tmp_path_factory.mktemp("e2e")
-    (root / "cfg.yaml").write_text(CONFIG)
-    runner = CliRunner()
-    res = runner.invoke(main, ["data", "synth", "--out", str(root / "data"), "--sizes", "300,60,60", "--seed", "1"])
+    res = CliRunner().invoke(main, [str(a) for a in args])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["train", "--data", str(root / "data"), "--config", str(root / "cfg.yaml"),
-                               "--out", str(root / "run")])
-    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def train_through_cli(root: Path, config: str, *synth_args) -> Path:
+    """``fbnet data synth`` into ``root/data``, then ``fbnet train`` with ``config`` into ``root/run``."""
+    (root / "cfg.yaml").write_text(config)
+    cli_ok("data", "synth", "--out", root / "data", *synth_args)
+    cli_ok("train", "--data", root / "data", "--config", root / "cfg.yaml", "--out", root / "run")
     return root
 
 
 @pytest.fixture(scope="session")
-def bundle(trained):
-    from fbnet.cli import main
+def tiny_run(tmp_path_factory):
+    """A tiny FB-Net given one epoch on 12 synthetic 64 px images through the CLI: untrained in
+    effect, made in seconds, so that the fast tier runs every stage (``root/data``, ``root/run``)."""
+    return train_through_cli(tmp_path_factory.mktemp("tiny"), TINY_CONFIG, "--sizes", "12,4,4", "--seed", "1",
+                             "--image-size", "64")
 
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run):
+    """The tiny run exported (``--fp16``: engines are built where TensorRT and a GPU are, else skipped)."""
+    cli_ok("export", tiny_run / "run" / "best.pt", "--out", tiny_run / "bundle", "--fp16")
+    return tiny_run / "bundle"
+
+
+#: Fixtures that train through the CLI (minutes) or start a cluster or a server's environment: a
+#: test that uses one, directly or through another fixture (``bundle``, ``served``, ``related``,
+#: ...), is marked ``slow``.
+SLOW_FIXTURES = {"trained", "flickr_run", "ray_cluster", "pytriton_python"}
+#: Tests slow for another reason (measured with ``pytest --durations=0``; a node id without its
+#: parameters covers every parameter): training runs of their own, FAISS PQ training.
+SLOW_TESTS = {
+    "tests/test_determinism.py::test_two_runs_are_identical",            # two trainings (17 s)
+    "tests/test_training.py::test_early_stopping_and_resume",            # a training and its resume
+    "tests/test_cuda.py::test_training_runs_on_cuda_and_resumes",        # trains (on a GPU host)
+    "tests/test_stores.py::test_round_trip_error_is_bounded[pq]",        # PQ codebooks (40 s)
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tier (``pytest -m "not slow"`` runs the rest), from the fixtures each test
+    uses and ``SLOW_TESTS``."""
+    for item in items:
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or item.nodeid in SLOW_TESTS or item.nodeid.split("[")[0] in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny FB-Net trained through the CLI (shared by the end-to-end, export and runtime tests)."""
+    return train_through_cli(tmp_path_factory.mktemp("e2e"), CONFIG, "--sizes", "300,60,60", "--seed", "1")
+
+
+@pytest.fixture(scope="session")
+def bundle(trained):
     out = trained / "bundle"
     if not out.exists():
-        res = CliRunner().invoke(main, ["export", str(trained / "run" / "best.pt"), "--out", str(out), "--fp16"])
-        assert res.exit_code == 0, res.output
-        assert "engines not built" in res.output and "--engines-only" in res.output
+        output = cli_ok("export", trained / "run" / "best.pt", "--out", out, "--fp16")
+        assert "engines not built" in output and "--engines-only" in output
     return out
 
 
