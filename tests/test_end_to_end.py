@@ -47,7 +47,7 @@ def test_run_outputs_and_checkpoint_contents(trained):
         assert (run / name).is_file(), name
     ckpt = load_checkpoint(run / "best.pt")
     assert {"model", "config", "vocab", "fusion", "val_metrics", "versions", "encoder", "detector"} <= set(ckpt)
-    assert set(ckpt["fusion"]) == {"alpha", "beta", "lam"}
+    assert set(ckpt["fusion"]) == {"alpha", "beta", "lam", "mu"}
     metrics = json.loads((run / "metrics-test.json").read_text())
     assert metrics["category"]["map"] > metrics["chance_map"]
     events = [json.loads(line)["event"] for line in (run / "log.jsonl").read_text().splitlines()]
