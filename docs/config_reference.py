@@ -33,7 +33,6 @@ NOTES = {
     "loss.sigma": "DSAW's scale of the negative pairs' term (eqs. 16-21; paper: 50).",
     "loss.theta": "DSAW's scale of the positive pairs' term (paper: 20).",
     "loss.gamma": "DSAW's similarity threshold gamma (paper: 0.2).",
-    "train.lr": "Adam's learning rate.",
     "train.weight_decay": "Adam's weight decay.",
     "train.grad_clip": "Gradient norm clipping (0 = none).",
     "train.seed": "Seed of initialisation, pair order and the synthetic dataset's generation.",

@@ -182,7 +182,8 @@ class TrainConfig(_Section):
     plateau_decay: float = Field(1.0, gt=0.0, le=1.0)
     #: Pairs per step (at least 2: the loss needs negatives).
     batch_size: int = Field(128, ge=2)
-    lr: float = Field(2e-4, gt=0.0)
+    #: Learning rate (0 freezes the model: a check of early stopping, or of a loaded checkpoint).
+    lr: float = Field(2e-4, ge=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(2.0, ge=0.0)
     seed: int = 0
