@@ -7,8 +7,7 @@ Everything in the page comes from the pydantic models: the sections and keys, th
 defaults, ranges (``ge``/``gt``/``le``, lengths, patterns), ``Literal`` values, the names a
 registry accepts (:mod:`fbnet.models.registry`), the messages of field and cross-field validators,
 and the ``#:`` comment above each field. A field with no ``#:`` comment of its own shares the
-comment of the field just above it (``delta1``/``delta2``), unless ``NOTES`` below gives its
-meaning. ``tests/test_docs.py`` checks that the committed page equals this output.
+comment of the field just above it (``delta1``/``delta2``). ``tests/test_docs.py`` checks that the committed page equals this output.
 """
 
 from __future__ import annotations
@@ -27,17 +26,6 @@ from fbnet import config as C
 from fbnet.models import registry
 
 OUT = Path(__file__).resolve().parent / "configuration.md"
-
-#: Meanings of the fields that have no ``#:`` comment in fbnet/config.py (and none to share).
-NOTES = {
-    "loss.sigma": "DSAW's scale of the negative pairs' term (eqs. 16-21; paper: 50).",
-    "loss.theta": "DSAW's scale of the positive pairs' term (paper: 20).",
-    "loss.gamma": "DSAW's similarity threshold gamma (paper: 0.2).",
-    "train.weight_decay": "Adam's weight decay.",
-    "train.grad_clip": "Gradient norm clipping (0 = none).",
-    "train.seed": "Seed of initialisation, pair order and the synthetic dataset's generation.",
-    "train.num_threads": "torch threads for training (0 = torch's default).",
-}
 
 SECTIONS = [("data", C.DataConfig), ("model", C.ModelConfig), ("model.backbone", C.BackboneConfig),
             ("model.detector", C.DetectorConfig), ("loss", C.LossConfig), ("train", C.TrainConfig)]
@@ -58,13 +46,11 @@ A list key also takes a single value (`branches: background`).
 """
 
 
-def _comments(cls) -> tuple[dict[str, str], set[str]]:
-    """Each field's ``#:`` comment (the lines just above it), shared down a block of fields; and
-    the fields that have their own."""
+def _comments(cls) -> dict[str, str]:
+    """Each field's ``#:`` comment (the lines just above it), shared down a block of fields."""
     lines, _ = inspect.getsourcelines(cls)
     body = ast.parse(textwrap.dedent("".join(lines))).body[0].body
     out: dict[str, str] = {}
-    own: set[str] = set()
     prev: ast.stmt | None = None
     for node in body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
@@ -75,11 +61,10 @@ def _comments(cls) -> tuple[dict[str, str], set[str]]:
             name = node.target.id
             if text:
                 out[name] = " ".join(text)
-                own.add(name)
             elif isinstance(prev, ast.AnnAssign) and prev.end_lineno == node.lineno - 1:
                 out[name] = out.get(prev.target.id, "")
         prev = node
-    return out, own
+    return out
 
 
 def _message(node: ast.expr) -> str:
@@ -157,15 +142,12 @@ def fields():
     """Every config key: (section, key, type, default, allowed, meaning), in file order."""
     rows = []
     for section, cls in SECTIONS:
-        comments, own = _comments(cls)
+        comments = _comments(cls)
         extra, _ = _validators(cls)
         for name, info in cls.model_fields.items():
             if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
                 continue  # a nested section, listed on its own
-            key = f"{section}.{name}"
             meaning = comments.get(name, "")
-            if key in NOTES and name not in own:
-                meaning = NOTES[key]
             rows.append((section, name, _type(info.annotation), _default(info.default),
                          _allowed(info.annotation, info, extra.get(name, [])), meaning))
     return rows

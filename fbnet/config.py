@@ -110,7 +110,7 @@ class DetectorConfig(_Section):
     max_boxes: int = Field(9, ge=1)
     score_threshold: float = Field(0.1, ge=0.0, le=1.0)
     #: Fine-tuning budget on the dataset's boxes.
-    epochs: int = Field(12, ge=0)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(0.01, gt=0.0)
 
@@ -163,8 +163,11 @@ class LossConfig(_Section):
     #: ``dsaw`` (eqs. 16-21) or ``triplet`` (VSE++ hardest negative, the paper's ablation).
     name: str = "dsaw"
     _known = field_validator("name")(_registered(LOSSES, "loss"))
+    #: DSAW's scale of the negative pairs' term (eqs. 16-21; paper: 50).
     sigma: float = Field(50.0, gt=0.0)
+    #: DSAW's scale of the positive pairs' term (paper: 20).
     theta: float = Field(20.0, gt=0.0)
+    #: DSAW's similarity threshold gamma (paper: 0.2).
     gamma: float = Field(0.2, ge=0.0)
     #: Mining slack: a pair is kept when it is within this of the hardest opposite pair.
     epsilon: float = Field(0.1, ge=0.0)
@@ -184,8 +187,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, ge=2)
     #: Learning rate (0 freezes the model: a check of early stopping, or of a loaded checkpoint).
     lr: float = Field(2e-4, ge=0.0)
+    #: Adam's weight decay.
     weight_decay: float = Field(0.0, ge=0.0)
+    #: Gradient norm clipping (0 = none).
     grad_clip: float = Field(2.0, ge=0.0)
+    #: Seed of initialisation, pair order and the synthetic dataset's generation.
     seed: int = 0
     #: Captions per image that the per-epoch validation scores (0 = all). Validation costs
     #: images x captions cross-attention pairs; the fusion search and the final report use all.
@@ -208,14 +214,16 @@ class TrainConfig(_Section):
     #: ``lr`` x this, and it stays frozen for the first ``backbone_frozen_epochs`` epochs.
     backbone_lr_scale: float = Field(0.1, gt=0.0)
     backbone_frozen_epochs: int = Field(1, ge=0)
+    #: torch threads for training (0 = torch's default).
     num_threads: int = Field(0, ge=0)
     #: Where the epochs run: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when a GPU is visible).
     #: Feature extraction and the frozen stages stay on the CPU; CPU runs are deterministic.
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|auto)$")
     #: ``float32``, or ``bfloat16``: the encoders' matrix products in bfloat16 (CPU autocast; about
     #: 2.7x the float32 matmul rate on CPUs with AVX512-BF16 or AMX, and on GPUs), the cross
-    #: attention, the loss and evaluation in float32.
-    precision: Literal["float32", "bfloat16"] = "float32"
+    #: attention, the loss and evaluation in float32. ``auto``: bfloat16 where the device runs it
+    #: natively, else float32 (CPUs without AVX512-BF16 emulate it at about 1/10 of float32's rate).
+    precision: Literal["float32", "bfloat16", "auto"] = "float32"
     #: Also write TensorBoard scalars under ``<run>/tensorboard`` (``pip install fbnet[tensorboard]``).
     tensorboard: bool = False
 

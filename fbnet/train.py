@@ -18,6 +18,7 @@ Everything a run writes goes under ``out``: ``detector.pt``, ``features/``, ``la
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -105,6 +106,8 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     if state is None and cfg.data.word_vectors:
         _init_word_vectors(model, vocab, cfg.data.word_vectors, echo)
     device = training_device(tc.device)
+    if tc.precision == "auto":
+        echo(f"precision auto: {'bfloat16' if uses_bfloat16(tc.precision, device) else 'float32'} on {device}")
     model.to(device)
     top = list(encoder.top().parameters()) if finetune_top else []
     groups = [{"params": list(model.parameters())}]
@@ -200,7 +203,7 @@ def train_step(model, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: Split
     img_idx = caps.image[idx]
     # bfloat16: the encoders' matrix products (the Bi-GRUs, the block projections) run in bfloat16;
     # the cross attention and the loss stay float32
-    with torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.precision == "bfloat16"):
+    with torch.autocast(device.type, torch.bfloat16, enabled=uses_bfloat16(cfg.train.precision, device)):
         images = model.encode_images(*(t.to(device) for t in feats.tensors(img_idx)))
         texts = model.encode_texts(*(t.to(device) for t in caps.tensors(idx)))
     images = {k: (b.float(), m.float()) for k, (b, m) in images.items()}
@@ -216,6 +219,18 @@ def train_step(model, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: Split
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
     opt.step()
     return float(loss.detach())
+
+
+@functools.cache
+def uses_bfloat16(precision: str, device: torch.device) -> bool:
+    """Whether ``train.precision`` runs the encoders' matrix products in bfloat16 on ``device``:
+    ``auto`` asks the hardware (oneDNN's native bfloat16 on CPUs, ``is_bf16_supported`` on GPUs)."""
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if precision == "bfloat16" and not native:
+        warnings.warn(f"train.precision is bfloat16 but {device.type} has no native bfloat16 matrix products: "
+                      "they are emulated, about 10x slower than float32; use precision: auto", stacklevel=2)
+    return precision == "bfloat16" or (precision == "auto" and native)
 
 
 def training_device(name: str) -> torch.device:

@@ -106,6 +106,14 @@ def test_negative_epochs_fail_at_load_naming_key_and_file(tmp_path):
     assert not (tmp_path / "fbnet-home").exists() and not (tmp_path / "runs").exists()
 
 
+def test_zero_detector_epochs_fail_at_load():
+    """Fine-tuning the detector for 0 epochs once crashed deep in OneCycleLR; now the config says no."""
+    from fbnet.config import ConfigError, FBNetConfig
+
+    with pytest.raises(ConfigError, match=r"c.yaml: 'model.detector.epochs'.*greater than or equal to 1"):
+        FBNetConfig.from_dict({"model": {"detector": {"epochs": 0}}}, "c.yaml")
+
+
 def test_unknown_config_key(tmp_path):
     (tmp_path / "c.yaml").write_text("model:\n  embed_dimm: 64\n")
     fails(FBNET, "train", "--config", "c.yaml", names=("c.yaml", "model.embed_dimm", "unknown key"), cwd=tmp_path)

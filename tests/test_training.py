@@ -38,3 +38,27 @@ def test_early_stopping_and_resume(tiny_synth, tmp_path):
     assert res.exit_code == 0, res.output
     assert "early stop" in res.output and "epoch 3:" not in res.output
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_precision_auto_follows_the_hardware():
+    """``auto`` is bfloat16 exactly where oneDNN runs it natively; an explicit bfloat16 on a CPU
+    without it still runs (emulated) but says so, since it is about 10x slower there."""
+    import warnings
+
+    import pytest
+    import torch
+
+    from fbnet.config import FBNetConfig
+    from fbnet.train import uses_bfloat16
+
+    cpu = torch.device("cpu")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert FBNetConfig.from_dict({"train": {"precision": "auto"}}).train.precision == "auto"
+    assert uses_bfloat16("auto", cpu) is native and uses_bfloat16("float32", cpu) is False
+    uses_bfloat16.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert uses_bfloat16("bfloat16", cpu) is True
+    assert any("emulated" in str(w.message) for w in caught) is not native
+    with pytest.raises(Exception, match="precision"):
+        FBNetConfig.from_dict({"train": {"precision": "float16"}})
