@@ -101,7 +101,7 @@ def random_step_seconds(config: Path, device: str, steps: int, box_probs: list[f
     from fbnet.features import SplitFeatures
     from fbnet.models.fbnet import FBNet
     from fbnet.pipeline import Captions
-    from fbnet.train import train_step
+    from fbnet.train import BatchLoss, train_step
     from fbnet.windows import blocks_upto
 
     cfg = FBNetConfig.load(config)
@@ -122,7 +122,7 @@ def random_step_seconds(config: Path, device: str, steps: int, box_probs: list[f
     for step in range(steps + 1):
         idx = np.sort(rng.choice(len(lengths), size=cfg.train.batch_size, replace=False))
         t = time.perf_counter()
-        train_step(model, opt, cfg, feats, caps, idx)
+        train_step(BatchLoss(model), opt, cfg, feats, caps, idx)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

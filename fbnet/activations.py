@@ -139,12 +139,3 @@ def activation_key(items: list[Item], encoder: BlockEncoder, detector: Detector 
              "split_at": encoder.split_at,
              "detector": state_digest(detector.state_dict()) if detector is not None else None}
     return cache_key(items, parts)
-
-
-def split_activations(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
-                      frozen_cfg: dict, image_size: int, levels: int, max_boxes: int,
-                      views: tuple[str, ...], cache: Path, desc: str) -> ActivationFeatures:
-    key = activation_key(items, encoder, detector, frozen_cfg, views)
-    lower, blocks, mask = extract_activations(items, encoder, detector, image_size=image_size, levels=levels,
-                                              max_boxes=max_boxes, views=views, cache=cache, key=key, desc=desc)
-    return ActivationFeatures(lower, blocks, mask, encoder, levels, image_size)

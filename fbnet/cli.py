@@ -126,6 +126,8 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
     out = out or Path("runs") / dataset.name
     t0 = time.time()
     best, val_sims = run_train(cfg, dataset, out, resume=resume, echo=click.echo)
+    if best is None:  # a torchrun process other than rank 0: rank 0 reports
+        return
     split = dataset.report_split
     if split == "val":
         click.echo("the dataset has no test split: reporting the validation split")

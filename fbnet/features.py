@@ -24,6 +24,8 @@ from .models.detector import Detector, detect
 from .preprocess import load_image
 from .windows import blocks_upto, branch_blocks, image_block_boxes
 
+FILES = ("bg", "fg", "mask", "boxes")  # a split cache's arrays, as ``<name>.npy``
+
 
 @dataclass
 class SplitFeatures:
@@ -132,7 +134,7 @@ def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector |
     feats = compute_features(items, encoder, detector, image_size=image_size, levels=levels,
                              max_boxes=max_boxes, batch_size=batch_size, desc=desc)
     with atomic_dir(cache) as tmp:
-        for name, array in zip(("bg", "fg", "mask", "boxes"),
+        for name, array in zip(FILES,
                                (feats.background, feats.foreground, feats.fg_mask, feats.boxes)):
             np.save(tmp / f"{name}.npy", array)
         (tmp / "key").write_text(key)

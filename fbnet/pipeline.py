@@ -8,6 +8,7 @@ per-(branch, level) similarity matrices of a split in memory-bounded chunks.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,11 @@ import torch
 
 from .config import ConfigError, FBNetConfig
 from .data.manifest import Item
-from .activations import ActivationFeatures, split_activations
+from .activations import FILES as ACTIVATION_FILES
+from .activations import ActivationFeatures, activation_key, extract_activations
+from .atomic import atomic_dir
+from .distributed import Group
+from .features import FILES as FEATURE_FILES
 from .features import SplitFeatures, cache_key, extract_split, state_digest
 from .models.backbone import BlockEncoder
 from .models.detector import build_detector
@@ -59,23 +64,49 @@ def frozen_settings(cfg: FBNetConfig) -> dict:
 
 
 def split_features(cfg: FBNetConfig, items: list[Item], detector, encoder, cache: Path,
-                   split: str) -> SplitFeatures:
+                   split: str, group: Group | None = None) -> SplitFeatures:
     m = cfg.model
     state = {"encoder": state_digest(encoder.state_dict()),
              "detector": state_digest(detector.state_dict()) if detector is not None else None}
     key = cache_key(items, {"model": frozen_settings(cfg), "weights": state})
-    return extract_split(items, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
-                         max_boxes=m.detector.max_boxes, cache=cache / split, key=key,
-                         desc=f"features[{split}]")
+    extract = lambda its, where: extract_split(  # noqa: E731
+        its, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
+        max_boxes=m.detector.max_boxes, cache=where, key=key, desc=f"features[{split}]")
+    return sharded(extract, items, cache / split, key, FEATURE_FILES, group)
 
 
 def split_activations_for(cfg: FBNetConfig, items: list[Item], detector, encoder, cache: Path, split: str,
-                          views: tuple[str, ...]) -> ActivationFeatures:
+                          views: tuple[str, ...], group: Group | None = None) -> ActivationFeatures:
     """A split's cached lower-trunk activations (:mod:`fbnet.activations`), for fine-tuning."""
     m = cfg.model
-    return split_activations(items, encoder, detector, frozen_cfg=frozen_settings(cfg),
-                             image_size=m.backbone.image_size, levels=m.levels, max_boxes=m.detector.max_boxes,
-                             views=views, cache=cache / "activations" / split, desc=f"activations[{split}]")
+    key = activation_key(items, encoder, detector, frozen_settings(cfg), views)
+    extract = lambda its, where: extract_activations(  # noqa: E731
+        its, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
+        max_boxes=m.detector.max_boxes, views=views, cache=where, key=key, desc=f"activations[{split}]")
+    lower, blocks, mask = sharded(extract, items, cache / "activations" / split, key, ACTIVATION_FILES, group)
+    return ActivationFeatures(lower, blocks, mask, encoder, m.levels, m.backbone.image_size)
+
+
+def sharded(extract, items: list[Item], cache: Path, key: str, files: tuple[str, ...], group: Group | None):
+    """``extract(items, cache)`` with the work split over a torchrun group: each rank extracts its
+    share into a cache of its own beside ``cache`` (resumable as any cache), then rank 0 joins
+    the shares' arrays into ``cache`` and every rank loads it. A single process, or a cache that
+    is already current, just calls ``extract``."""
+    if group is None or ((cache / "key").is_file() and (cache / "key").read_text() == key):
+        return extract(items, cache)
+    part = lambda r: cache.with_name(f".{cache.name}.{key}.rank{r}of{group.world}")  # noqa: E731
+    extract(items[group.share(len(items))], part(group.rank))
+    group.barrier()
+    if group.main:
+        with atomic_dir(cache) as tmp:
+            for name in files:
+                np.save(tmp / f"{name}.npy", np.concatenate(
+                    [np.load(part(r) / f"{name}.npy", mmap_mode="r") for r in range(group.world)]))
+            (tmp / "key").write_text(key)
+        for r in range(group.world):
+            shutil.rmtree(part(r), ignore_errors=True)
+    group.barrier()
+    return extract(items, cache)
 
 
 @dataclass

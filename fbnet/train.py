@@ -40,6 +40,7 @@ from .metrics import retrieval_report
 from .models.detector import finetune
 from .models.fbnet import GLOBAL, Fusion
 from .models.registry import build_model
+from .distributed import Group, destroy, from_env, gather, process_device
 from .features import SplitFeatures
 from .pipeline import Captions, build_frozen, feature_cache, score_split, split_activations_for, split_features
 from .preprocess import load_image
@@ -60,6 +61,10 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    group = from_env(training_device(cfg.train.device))  # torchrun's processes (None: one process)
+    main_rank = group is None or group.main
+    if not main_rank:  # rank 0 speaks and writes for the group
+        echo = lambda *a, **k: None  # noqa: E731
     last = out / "last.pt"
     state = None
     if resume:
@@ -72,7 +77,9 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         echo(f"resuming {out} after epoch {state['epoch']} of {epochs}")
     elif last.exists():
         raise CheckpointError(f"{out} already holds a run (last.pt); pass --resume or another --out")
-    log_event(out, event="resume" if resume else "start", config=cfg.to_dict(), dataset=str(dataset.root))
+    if main_rank:
+        log_event(out, event="resume" if resume else "start", config=cfg.to_dict(), dataset=str(dataset.root),
+                  processes=group.world if group else 1)
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -81,14 +88,18 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     # 1-2. frozen stages and cached features (or, when the backbone's top is fine-tuned, cached
     # activations of its frozen part: training and validation then run the top in every step)
     n_box_classes = len(dataset.box_classes or [])
+    if not main_rank:
+        group.barrier()  # rank 0 fine-tunes the detector (when it must) and saves it; the rest load it
     detector, encoder = _frozen_stages(cfg, dataset, out, n_box_classes, echo)
+    if group is not None and main_rank:
+        group.barrier()
     finetune_top = cfg.model.backbone.trainable_blocks > 0
     splits = [s for s in dataset.splits if s in (("train", "val") if finetune_top else ("train", "val", "test"))]
     if finetune_top:
         feats = {s: split_activations_for(cfg, dataset.split(s), detector, encoder, feature_cache(cfg, out), s,
-                                          cfg.data.views if s == "train" else ("identity",)) for s in splits}
+                                          cfg.data.views if s == "train" else ("identity",), group) for s in splits}
     else:
-        feats = {s: split_features(cfg, dataset.split(s), detector, encoder, feature_cache(cfg, out), s)
+        feats = {s: split_features(cfg, dataset.split(s), detector, encoder, feature_cache(cfg, out), s, group)
                  for s in splits}
     for needed in ("train", "val"):
         if needed not in feats:
@@ -105,7 +116,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     model = build_model(cfg.model, len(vocab), encoder.out_dim)
     if state is None and cfg.data.word_vectors:
         _init_word_vectors(model, vocab, cfg.data.word_vectors, echo)
-    device = training_device(tc.device)
+    device = process_device(training_device(tc.device), group)
     if tc.precision == "auto":
         echo(f"precision auto: {'bfloat16' if uses_bfloat16(tc.precision, device) else 'float32'} on {device}")
     model.to(device)
@@ -116,7 +127,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         groups.append({"params": top, "lr": tc.lr * tc.backbone_lr_scale})
     opt = torch.optim.Adam(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     history, best, start_epoch = [], -1.0, 0
-    board = TensorBoard(out) if tc.tensorboard else None
+    board = TensorBoard(out) if tc.tensorboard and main_rank else None
     if state is not None:
         model.load_state_dict(state["model"])
         encoder.load_state_dict(state["encoder"])
@@ -132,6 +143,9 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     val_caps = caps["val"].first_per_image(tc.val_captions)  # what each epoch's validation scores
     n_pairs = len(train_caps.lengths)
     steps = math.ceil(n_pairs / tc.batch_size)
+    if group is not None and n_pairs % tc.batch_size and n_pairs % tc.batch_size < group.world:
+        steps -= 1  # a last batch smaller than the group would leave a process without pairs
+    batch_loss = BatchLoss(model, encoder.top() if finetune_top else None)
     for epoch in range(start_epoch, tc.epochs):
         if tc.patience and epochs_since_best(history) >= tc.patience:
             echo(f"early stop: no better validation MAP in the last {tc.patience} epochs "
@@ -142,24 +156,29 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         order = np.random.default_rng([tc.seed, epoch]).permutation(n_pairs)
         if finetune_top:  # frozen for the first epochs; one random cached view per image and step
             encoder.top().requires_grad_(epoch >= tc.backbone_frozen_epochs)
-            train_feats.rng = np.random.default_rng([tc.seed, epoch, 1])
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch")
+            train_feats.rng = np.random.default_rng([tc.seed, epoch, 1] + ([group.rank] if group else []))
+        step_loss = data_parallel(batch_loss, group)  # rebuilt each epoch: the trained set may change
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not main_rank or None)
         t0, total = time.time(), 0.0
         for step in bar:
             idx = np.sort(order[step * tc.batch_size: (step + 1) * tc.batch_size])
-            loss = train_step(model, opt, cfg, train_feats, train_caps, idx)
+            loss = train_step(step_loss, opt, cfg, train_feats, train_caps, idx, group)
             total += loss
             if board is not None:
                 board.step(epoch * steps + step, loss)
             bar.set_postfix(loss=f"{loss:.4f}",
                             pairs_s=f"{(step + 1) * tc.batch_size / (time.time() - t0):.0f}")
-        val = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk)
+        # validation on rank 0 (the others wait for its verdict, so every rank decides alike)
+        val = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk) if main_rank else None
+        if group is not None:
+            val = group.broadcast(val)
         val_map = val[val["primary"]]["map"]
         record = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map, "lr": opt.param_groups[0]["lr"],
                   "val_rsum": val["instance"]["rsum"], "seconds": time.time() - t0}
         history.append(record)
-        log_event(out, event="epoch", **record)
-        plot_curves(out / "log.jsonl", out / "curves.png")
+        if main_rank:
+            log_event(out, event="epoch", **record)
+            plot_curves(out / "log.jsonl", out / "curves.png")
         if board is not None:
             board.epoch(record)
         improved = val_map > best
@@ -170,15 +189,21 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             echo(f"no better validation MAP: learning rate x {tc.plateau_decay} -> {opt.param_groups[0]['lr']:.2e}")
         echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}  R@sum {record['val_rsum']:.1f}"
              f"{'  (best)' if improved else ''}  [{record['seconds']:.0f}s]")
-        payload = {**common, "model": model.state_dict(), "encoder": encoder.state_dict(),
-                   "epoch": epoch + 1, "history": history,
-                   "best": best, "fusion": vars(Fusion()), "val_metrics": _summary(val)}
-        if improved:
-            save_checkpoint(out / "best.pt", payload)
-        save_checkpoint(last, {**payload, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
+        if main_rank:  # rank 0 writes the checkpoints; the ranks' weights are the same
+            payload = {**common, "model": model.state_dict(), "encoder": encoder.state_dict(),
+                       "epoch": epoch + 1, "history": history,
+                       "best": best, "fusion": vars(Fusion()), "val_metrics": _summary(val)}
+            if improved:
+                save_checkpoint(out / "best.pt", payload)
+            save_checkpoint(last, {**payload, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
 
     if board is not None:
         board.close()
+    if group is not None:
+        group.barrier()  # the last checkpoint is on disk for every rank
+        destroy(group)
+        if not main_rank:
+            return None, None
     # 4. fusion weights on validation, then the test split
     if not choose_weights:
         return out / "best.pt", None
@@ -195,24 +220,54 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     return out / "best.pt", val_sims
 
 
-def train_step(model, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: SplitFeatures,
-               caps: Captions, idx: np.ndarray) -> float:
-    """One optimisation step on the captions ``idx`` and their images: the loss of every
-    (branch, level) similarity matrix, summed (Algorithm 1); returns the loss."""
-    device = next(model.parameters()).device
-    img_idx = caps.image[idx]
-    # bfloat16: the encoders' matrix products (the Bi-GRUs, the block projections) run in bfloat16;
-    # the cross attention and the loss stay float32
-    with torch.autocast(device.type, torch.bfloat16, enabled=uses_bfloat16(cfg.train.precision, device)):
-        images = model.encode_images(*(t.to(device) for t in feats.tensors(img_idx)))
-        texts = model.encode_texts(*(t.to(device) for t in caps.tensors(idx)))
-    images = {k: (b.float(), m.float()) for k, (b, m) in images.items()}
-    texts = {k: t.float() for k, t in texts.items()}
-    same = (caps.labels[idx][:, None] == caps.labels[idx][None, :]) if caps.labels is not None \
-        else (img_idx[:, None] == img_idx[None, :])
-    positive = torch.from_numpy(same).to(device)
-    loss_fn = pair_loss(cfg.loss)
-    loss = sum(loss_fn(s, positive, cfg.loss) for s in model.similarities(images, texts).values())
+class BatchLoss(torch.nn.Module):
+    """The loss of one mini-batch (Algorithm 1's step): every (branch, level) similarity matrix's
+    loss, summed. A module, so that DistributedDataParallel can wrap it: under torchrun each
+    process encodes its share of the batch and the loss still sees the whole batch
+    (:mod:`fbnet.distributed`). ``top`` is the backbone's fine-tuned top, when there is one."""
+
+    def __init__(self, model: torch.nn.Module, top: torch.nn.Module | None = None):
+        super().__init__()
+        self.model, self.top = model, top
+
+    def forward(self, cfg: FBNetConfig, feats: SplitFeatures, caps: Captions, idx: np.ndarray,
+                group: Group | None = None) -> torch.Tensor:
+        model = self.model
+        device = next(model.parameters()).device
+        mine = idx[group.share(len(idx))] if group is not None else idx
+        # bfloat16: the encoders' matrix products (the Bi-GRUs, the block projections) may run in
+        # bfloat16 (train.precision); the cross attention and the loss stay float32
+        with torch.autocast(device.type, torch.bfloat16, enabled=uses_bfloat16(cfg.train.precision, device)):
+            images = model.encode_images(*(t.to(device) for t in feats.tensors(caps.image[mine])))
+            texts = model.encode_texts(*(t.to(device) for t in caps.tensors(mine)))
+        # every image of the batch against this process's captions: its columns of each matrix
+        images = {k: (gather(b.float(), group), gather(m.float(), group)) for k, (b, m) in images.items()}
+        texts = {k: t.float() for k, t in texts.items()}
+        sims = {k: gather(s.t(), group).t() for k, s in model.similarities(images, texts).items()}
+        img_idx = caps.image[idx]
+        same = (caps.labels[idx][:, None] == caps.labels[idx][None, :]) if caps.labels is not None \
+            else (img_idx[:, None] == img_idx[None, :])
+        positive = torch.from_numpy(same).to(device)
+        loss_fn = pair_loss(cfg.loss)
+        return sum(loss_fn(s, positive, cfg.loss) for s in sims.values())
+
+
+def data_parallel(batch_loss: BatchLoss, group: Group | None) -> torch.nn.Module:
+    """``batch_loss`` as DistributedDataParallel in a torchrun group (gradients averaged over the
+    processes after backward), else itself. Only parameters that require gradients now are
+    synchronised, so it is built again when that set changes (the backbone's top unfrozen)."""
+    if group is None:
+        return batch_loss
+    device = next(batch_loss.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        batch_loss, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def train_step(step_loss: torch.nn.Module, opt: torch.optim.Optimizer, cfg: FBNetConfig, feats: SplitFeatures,
+               caps: Captions, idx: np.ndarray, group: Group | None = None) -> float:
+    """One optimisation step on the captions ``idx`` and their images (:class:`BatchLoss`, or its
+    :func:`data_parallel` form); returns the loss."""
+    loss = step_loss(cfg, feats, caps, idx, group)
     opt.zero_grad()
     loss.backward()
     if cfg.train.grad_clip:

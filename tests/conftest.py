@@ -86,6 +86,8 @@ SLOW_TESTS = {
     "tests/test_training.py::test_early_stopping_and_resume",            # a training and its resume
     "tests/test_cuda.py::test_training_runs_on_cuda_and_resumes",        # trains (on a GPU host)
     "tests/test_stores.py::test_round_trip_error_is_bounded[pq]",        # PQ codebooks (40 s)
+    "tests/test_distributed.py::test_two_gloo_processes_train_as_one_process_on_the_global_batch",  # 3 trainings (50 s)
+    "tests/test_docs.py::test_training_doc_commands_run_as_written",     # torchrun trains (2 min)
 }
 
 
