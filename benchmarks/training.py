@@ -88,10 +88,11 @@ def measure(src: Path | None, config: Path, data: Path, steps: int) -> dict:
 
 
 def random_step_seconds(config: Path, device: str, steps: int, box_probs: list[float], n_images: int = 512,
-                        vocab: int = 7371) -> float:
+                        vocab: int = 7371, group=None) -> float:
     """Median seconds of :func:`fbnet.train.train_step` on ``device`` with random features and
     captions of ``config``'s shapes (1280-d MobileNetV2 blocks, J box slots filled with the box
-    counts drawn from ``box_probs``): for a GPU host that has no Flickr8k copy."""
+    counts drawn from ``box_probs``): for a GPU host that has no Flickr8k copy. With ``group`` (a
+    :class:`fbnet.distributed.Group`), the step of one torchrun process on the same global batches."""
     import time
 
     import numpy as np
@@ -101,7 +102,7 @@ def random_step_seconds(config: Path, device: str, steps: int, box_probs: list[f
     from fbnet.features import SplitFeatures
     from fbnet.models.fbnet import FBNet
     from fbnet.pipeline import Captions
-    from fbnet.train import BatchLoss, train_step
+    from fbnet.train import BatchLoss, data_parallel, train_step
     from fbnet.windows import blocks_upto
 
     cfg = FBNetConfig.load(config)
@@ -118,11 +119,12 @@ def random_step_seconds(config: Path, device: str, steps: int, box_probs: list[f
                     np.repeat(np.arange(n_images), 5), None, None)
     model = FBNet(cfg.model, vocab, c).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    step_loss = data_parallel(BatchLoss(model), group)
     times = []
     for step in range(steps + 1):
         idx = np.sort(rng.choice(len(lengths), size=cfg.train.batch_size, replace=False))
         t = time.perf_counter()
-        train_step(BatchLoss(model), opt, cfg, feats, caps, idx)
+        train_step(step_loss, opt, cfg, feats, caps, idx, group)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)

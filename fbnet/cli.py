@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -77,9 +78,13 @@ def default_dataset(seed: int = 0) -> Path:
     from .data.synth import SYNTH_VERSION, generate
 
     root = fbnet_home() / "data" / f"synth-v{SYNTH_VERSION}-seed{seed}"
-    if not (root / "manifest.jsonl").is_file():
-        click.echo(f"generating the embedded synthetic dataset in {root}")
-        generate(root, seed=seed, sizes=DEFAULT_SYNTH_SIZES)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # a lock: torchrun's processes all ask for it at once, and one generates it
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "manifest.jsonl").is_file():
+            click.echo(f"generating the embedded synthetic dataset in {root}")
+            generate(root, seed=seed, sizes=DEFAULT_SYNTH_SIZES)
     return root
 
 
