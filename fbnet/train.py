@@ -61,7 +61,9 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    group = from_env(training_device(cfg.train.device))  # torchrun's processes (None: one process)
+    device = training_device(cfg.train.device)
+    group = from_env(device)  # torchrun's processes (None: one process)
+    device = process_device(device, group)  # before any collective: NCCL's are bound to the GPU set here
     main_rank = group is None or group.main
     if not main_rank:  # rank 0 speaks and writes for the group
         echo = lambda *a, **k: None  # noqa: E731
@@ -116,7 +118,6 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
     model = build_model(cfg.model, len(vocab), encoder.out_dim)
     if state is None and cfg.data.word_vectors:
         _init_word_vectors(model, vocab, cfg.data.word_vectors, echo)
-    device = process_device(training_device(tc.device), group)
     if tc.precision == "auto":
         echo(f"precision auto: {'bfloat16' if uses_bfloat16(tc.precision, device) else 'float32'} on {device}")
     model.to(device)
