@@ -31,8 +31,12 @@ def _free_port() -> int:
 
 
 def _torchrun(nproc: int, *args, timeout: float = 300) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "fbnet", *map(str, args)]
+    """``fbnet ARGS`` in ``nproc`` processes under torchrun, or in one plain process (``nproc=0``).
+    Every process runs one torch thread, so the single process's arithmetic (the detector's
+    fine-tuning above all) is what each rank's is, whatever threads this test process has."""
+    launch = ([] if not nproc else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port())])
+    cmd = [sys.executable, *launch, "-m", "fbnet", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -64,7 +68,7 @@ def test_two_gloo_processes_train_as_one_process_on_the_global_batch(tmp_path):
     (tmp_path / "cfg.yaml").write_text(CONFIG)
     cli_ok("data", "synth", "--out", tmp_path / "data", "--sizes", "12,4,4", "--seed", "2", "--image-size", "64")
     common = ("--data", tmp_path / "data", "--config", tmp_path / "cfg.yaml")
-    cli_ok("train", *common, "--out", tmp_path / "single")
+    _torchrun(0, "train", *common, "--out", tmp_path / "single")
     out = _torchrun(2, "train", *common, "--out", tmp_path / "ddp")
     # one report, from rank 0; one start event; no shard caches left behind
     assert out.count("checkpoint:") == 1
@@ -83,6 +87,6 @@ def test_two_gloo_processes_train_as_one_process_on_the_global_batch(tmp_path):
             assert fa.shape == fb.shape and np.allclose(fa, fb, atol=2e-3), (split, name)
     _assert_same_training(tmp_path / "single", tmp_path / "ddp")
     # resume under torchrun: one more epoch on both sides, still the same
-    cli_ok("train", "--out", tmp_path / "single", "--resume", "--epochs", "3")
+    _torchrun(0, "train", "--out", tmp_path / "single", "--resume", "--epochs", "3")
     _torchrun(2, "train", "--out", tmp_path / "ddp", "--resume", "--epochs", "3")
     _assert_same_training(tmp_path / "single", tmp_path / "ddp")
