@@ -275,10 +275,16 @@ def test_related_model_exports_passes_parity_searches_and_serves(related, galler
     res = CliRunner().invoke(fbnet_main, ["parity", str(root / "run" / "best.pt"), str(root / "bundle"),
                                           "--backend", "onnxruntime", "--json", str(tmp_path / "p.json")])
     assert res.exit_code == 0 and "PASS" in res.output, res.output
-    assert json.loads((tmp_path / "p.json").read_text())["max_score_diff"] < 1e-3
+    # End to end, a score may move more than float rounding: SCAN's eq. 13 normalises relu(s) over
+    # the regions, which jumps where a word's positive similarities all approach 0. One DSRLN
+    # (trained with 2 threads) moved 1.6e-2 on one image whose region units differed by 1.3e-5
+    # between PyTorch and the runtime, while the graphs scored those same units to 1.5e-7. So the
+    # end-to-end bound is loose, and the graphs' own fidelity is checked tightly below.
+    assert json.loads((tmp_path / "p.json").read_text())["max_score_diff"] < 5e-2
     b = open_bundle(root / "bundle")
     assert b.model.name == name
     retriever = Retriever(b, select_backend(b, "onnxruntime"))
+    _graphs_score_as_the_model_does(root, retriever)
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
     for store in ("float32", "sq8"):  # a coded store keeps only real words and regions
         build_gallery(retriever, images, captions, tmp_path / store, store=None if store == "float32" else store)
@@ -298,3 +304,25 @@ def test_related_model_exports_passes_parity_searches_and_serves(related, galler
     assert status == 200
     expected = SearchService(retriever, g, 5).search_texts([TextQuery("a big red circle", 3)])[0]
     assert [h["index"] for h in out["results"][0]["hits"]] == [h["index"] for h in expected["hits"]]
+
+
+def _graphs_score_as_the_model_does(root, retriever):
+    """The runtime's units, scored by the checkpoint's PyTorch model and by the bundle's graphs:
+    the same numbers up to float rounding (the export is exact, whatever the model's conditioning)."""
+    from fbnet.checkpoint import load_checkpoint
+    from fbnet.data.manifest import load_dataset
+    from fbnet.evaluate import load_model
+
+    ckpt = load_checkpoint(root / "run" / "best.pt")
+    _, model, _, fusion = load_model(ckpt)
+    items = load_dataset(ckpt["data_root"]).split("test")[:24]
+    images = retriever.encode_images([it.image for it in items])
+    texts = retriever.encode_texts([it.captions[0] for it in items])
+    assert list(retriever.keys) == ["".join((b[0].upper(), str(u))) for b, u in model.keys]
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    units = {key: (as_tensor(images.blocks[k]), as_tensor(images.fg_mask if k.startswith("F") else np.ones(
+        (len(items), 1)))) for key, k in zip(model.keys, retriever.keys)}
+    with torch.no_grad():
+        sims = model.similarities(units, {key: as_tensor(texts.windows[k]) for key, k in zip(model.keys, retriever.keys)})
+        expected = model.fuse(sims, fusion).numpy()
+    assert np.abs(retriever.score(images, texts) - expected).max() < 1e-4
