@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, atomic_write_text
 from .data.manifest import Item
-from .features import cache_key, detect_blocks, split_branches, state_digest
+from .features import cache_current, cache_key, detect_blocks, split_branches, state_digest
 from .models.backbone import BlockEncoder
 from .models.detector import Detector
 from .preprocess import load_image
@@ -99,7 +99,7 @@ def extract_activations(items: list[Item], encoder: BlockEncoder, detector: Dete
     after every batch, so an interrupted extraction resumes where it stopped; the finished
     directory replaces ``cache`` in one rename."""
     cache = Path(cache)
-    if not ((cache / "key").is_file() and (cache / "key").read_text() == key):
+    if not cache_current(cache, key):
         partial = cache.with_name(f".{cache.name}.{key}.partial")
         partial.mkdir(parents=True, exist_ok=True)
         done_file = partial / "done"

@@ -108,6 +108,11 @@ def cache_key(items: list[Item], parts: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_current(cache: Path, key: str) -> bool:
+    """Whether the cache directory ``cache`` is complete and was made with ``key``."""
+    return (cache / "key").is_file() and (cache / "key").read_text() == key
+
+
 def compute_features(items: list[Item], encoder: BlockEncoder, detector: Detector | None, *,
                      image_size: int, levels: int, max_boxes: int, batch_size: int = 32,
                      dtype=np.float16, desc: str = "features") -> SplitFeatures:
@@ -129,7 +134,7 @@ def extract_split(items: list[Item], encoder: BlockEncoder, detector: Detector |
                   batch_size: int = 32, desc: str = "features") -> SplitFeatures:
     """Features for ``items``, from ``cache`` when its key matches, else extracted (float16) and cached."""
     cache = Path(cache)
-    if (cache / "key").is_file() and (cache / "key").read_text() == key:
+    if cache_current(cache, key):
         return load_split(cache, image_size)
     feats = compute_features(items, encoder, detector, image_size=image_size, levels=levels,
                              max_boxes=max_boxes, batch_size=batch_size, desc=desc)

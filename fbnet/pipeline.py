@@ -22,7 +22,7 @@ from .activations import ActivationFeatures, activation_key, extract_activations
 from .atomic import atomic_dir
 from .distributed import Group
 from .features import FILES as FEATURE_FILES
-from .features import SplitFeatures, cache_key, extract_split, state_digest
+from .features import SplitFeatures, cache_current, cache_key, extract_split, state_digest
 from .models.backbone import BlockEncoder
 from .models.detector import build_detector
 from .models.fbnet import FBNet
@@ -92,7 +92,7 @@ def sharded(extract, items: list[Item], cache: Path, key: str, files: tuple[str,
     share into a cache of its own beside ``cache`` (resumable as any cache), then rank 0 joins
     the shares' arrays into ``cache`` and every rank loads it. A single process, or a cache that
     is already current, just calls ``extract``."""
-    if group is None or ((cache / "key").is_file() and (cache / "key").read_text() == key):
+    if group is None or cache_current(cache, key):
         return extract(items, cache)
     part = lambda r: cache.with_name(f".{cache.name}.{key}.rank{r}of{group.world}")  # noqa: E731
     extract(items[group.share(len(items))], part(group.rank))
