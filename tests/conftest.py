@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,17 @@ model:
   detector: {name: fasterrcnn_light, epochs: 1, batch_size: 4, max_boxes: 2}
 train: {epochs: 1, batch_size: 16, fusion_grid: [1.0], global_grid: [1.0]}
 """
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports free right now (for servers and process groups a test starts)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def cli_ok(*args) -> str:

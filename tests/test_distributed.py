@@ -4,7 +4,6 @@ loopback, as a user starts them, and stopped by a timeout if they hang."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_ok
+from conftest import cli_ok, free_ports
 
 CONFIG = """
 model:
@@ -24,18 +23,12 @@ train: {epochs: 2, batch_size: 16, lr: 0.002, fusion_grid: [1.0], global_grid: [
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(nproc: int, *args, timeout: float = 300) -> str:
     """``fbnet ARGS`` in ``nproc`` processes under torchrun, or in one plain process (``nproc=0``).
     Every process runs one torch thread, so the single process's arithmetic (the detector's
     fine-tuning above all) is what each rank's is, whatever threads this test process has."""
     launch = ([] if not nproc else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port())])
+                                    "--master_addr", "127.0.0.1", "--master_port", str(free_ports(1)[0])])
     cmd = [sys.executable, *launch, "-m", "fbnet", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

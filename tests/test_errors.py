@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import free_ports
+
 TINY = """
 model:
   embed_dim: 32
@@ -247,9 +249,7 @@ def ready(base: str) -> bool:
 
 
 def test_server_answers_bad_queries_with_json_4xx(tiny, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([*SERVE, "serve", "--bundle", str(tiny / "bundle"), "--gallery", str(tiny / "gallery"),
                              "--port", str(port), "--quiet"], stderr=subprocess.DEVNULL, cwd=tmp_path,

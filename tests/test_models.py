@@ -312,13 +312,14 @@ def _graphs_score_as_the_model_does(root, retriever):
     from fbnet.checkpoint import load_checkpoint
     from fbnet.data.manifest import load_dataset
     from fbnet.evaluate import load_model
+    from fbnet.models.fbnet import BRANCH_KEY
 
     ckpt = load_checkpoint(root / "run" / "best.pt")
     _, model, _, fusion = load_model(ckpt)
     items = load_dataset(ckpt["data_root"]).split("test")[:24]
     images = retriever.encode_images([it.image for it in items])
     texts = retriever.encode_texts([it.captions[0] for it in items])
-    assert list(retriever.keys) == ["".join((b[0].upper(), str(u))) for b, u in model.keys]
+    assert list(retriever.keys) == [f"{BRANCH_KEY[b]}{u}" for b, u in model.keys]
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     units = {key: (as_tensor(images.blocks[k]), as_tensor(images.fg_mask if k.startswith("F") else np.ones(
         (len(items), 1)))) for key, k in zip(model.keys, retriever.keys)}

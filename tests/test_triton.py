@@ -4,7 +4,6 @@ server (PyTriton, in its own numpy < 2 environment) answering as the built-in se
 import hashlib
 import json
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -17,6 +16,8 @@ from click.testing import CliRunner
 
 from fbnet.runtime.engine.bundle import open_bundle
 from fbnet.runtime.serving.service import SearchService, TextQuery
+
+from conftest import free_ports
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +96,6 @@ def test_export_triton_refuses_a_folder_that_is_not_a_gallery(served, tmp_path):
     res = CliRunner().invoke(main, ["export", str(served[0].bundle.root), "--triton", str(tmp_path / "r"),
                                     "--gallery", str(tmp_path)])
     assert res.exit_code != 0 and "not a gallery" in res.output and not (tmp_path / "r").exists()
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
