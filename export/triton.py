@@ -12,6 +12,9 @@
       fbnet_search_text/    config.pbtxt  1/model.py       Python backend: two-stage search (BLS)
       fbnet_search_image/   config.pbtxt  1/model.py
 
+An ensemble bundle's repository holds each member's graph models as ``fbnet_member<i>_<graph>``
+(and ``_trt``); its search models sum the members' scores (:mod:`fbnet.runtime.engine.ensemble`).
+
 Every ONNX model's inputs and outputs are the graph's own (names, types, shapes from the bundle's
 manifest). A graph whose inputs and outputs all lead with the same dynamic axis gets
 ``max_batch_size`` and a dynamic batcher; a 1-D input such as ``lengths`` is declared ``[1]`` with
@@ -31,9 +34,10 @@ from pathlib import Path
 from fbnet.atomic import atomic_dir
 from fbnet.errors import FbnetError
 from fbnet.runtime.engine.bundle import open_bundle
-from fbnet.runtime.engine.manifest import GraphSpec, TensorSpec
-from fbnet.runtime.gallery.shards import open_gallery
-from fbnet.runtime.serving.triton import GRAPH_MODEL, batch_axis, write_search_models
+from fbnet.runtime.engine.ensemble import is_ensemble_bundle, open_ensemble_bundle
+from fbnet.runtime.engine.manifest import EnsembleGalleryMeta, GalleryMeta, GraphSpec, ShardsMeta, TensorSpec
+from fbnet.runtime.gallery import open_gallery
+from fbnet.runtime.serving.triton import batch_axis, graph_model, write_search_models
 
 TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
          "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "object": "TYPE_STRING", "bytes": "TYPE_STRING"}
@@ -80,23 +84,29 @@ def write_triton_repository(bundle_dir: str | Path, out: str | Path, gallery: st
     """Write the repository to ``out`` (atomically). ``gallery`` adds the two search models;
     ``bundle_path``/``gallery_path`` are those directories as the Triton host sees them (default:
     their absolute paths here)."""
-    bundle = open_bundle(bundle_dir)
-    engines = bundle.manifest.engines.files
+    ensemble = is_ensemble_bundle(bundle_dir)
+    bundle = open_ensemble_bundle(bundle_dir) if ensemble else open_bundle(bundle_dir)
+    models = list(enumerate(bundle.members)) if ensemble else [(None, bundle)]
+    engines = all(b.manifest.engines.files for _, b in models)
     if gallery is not None:
-        if not any((Path(gallery) / f).is_file() for f in ("gallery.json", "shards.json")):
+        records = (GalleryMeta.FILE, ShardsMeta.FILE, EnsembleGalleryMeta.FILE)
+        if not any((Path(gallery) / f).is_file() for f in records):
             raise TritonExportError(f"{gallery}: not a gallery (no gallery.json); build one with fbnet-serve-cli index")
         open_gallery(gallery, bundle)  # made by this bundle's encoders, and whole
     with atomic_dir(Path(out)) as tmp:
-        for graph, spec in bundle.manifest.graphs.items():
-            name = GRAPH_MODEL.format(graph=graph)
-            (tmp / name / "1").mkdir(parents=True)
-            shutil.copy(bundle.root / spec.file, tmp / name / "1" / "model.onnx")
-            (tmp / name / "config.pbtxt").write_text(graph_config(name, spec, "onnxruntime_onnx", max_batch, instances))
-            if graph in engines:
-                trt = name + "_trt"
-                (tmp / trt / "1").mkdir(parents=True)
-                shutil.copy(bundle.root / engines[graph], tmp / trt / "1" / "model.plan")
-                (tmp / trt / "config.pbtxt").write_text(graph_config(trt, spec, "tensorrt_plan", max_batch, instances))
+        for member, b in models:
+            for graph, spec in b.manifest.graphs.items():
+                name = graph_model(graph, member)
+                (tmp / name / "1").mkdir(parents=True)
+                shutil.copy(b.root / spec.file, tmp / name / "1" / "model.onnx")
+                config = graph_config(name, spec, "onnxruntime_onnx", max_batch, instances)
+                (tmp / name / "config.pbtxt").write_text(config)
+                if graph in b.manifest.engines.files:
+                    trt = name + "_trt"
+                    (tmp / trt / "1").mkdir(parents=True)
+                    shutil.copy(b.root / b.manifest.engines.files[graph], tmp / trt / "1" / "model.plan")
+                    config = graph_config(trt, spec, "tensorrt_plan", max_batch, instances)
+                    (tmp / trt / "config.pbtxt").write_text(config)
         if gallery is not None:
             params = {"bundle": str(bundle_path or Path(bundle_dir).resolve()),
                       "gallery": str(gallery_path or Path(gallery).resolve()), "shortlist": str(shortlist),

@@ -209,37 +209,51 @@ def info_cmd(path):
               type=click.Choice(["minmax", "percentile", "entropy"]), help="with --int8: activation ranges")
 def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, triton_max_batch, int8,
                int8_graphs, calibration_images, calibration_method):
-    """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory."""
+    """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory; an
+    ensemble file (.yaml/.json, `fbnet ensemble`) into an ensemble bundle of every member's."""
+    from fbnet.ensemble import is_ensemble
     from fbnet.export.bundle import build_bundle_engines, export_bundle
+    from fbnet.export.ensemble import export_ensemble_bundle, member_dirs, record_members
     from fbnet.export.quantize import quantize_bundle
     from fbnet.export.triton import write_triton_repository
+    from fbnet.runtime.engine.ensemble import is_ensemble_bundle
 
-    if engines_only:
-        engines = build_bundle_engines(source, fp16=True, log=click.echo)
-        click.echo(f"built {len(engines)} engines in {source}")
-        return
-    if (source / "manifest.json").is_file():  # already a bundle
-        if triton_repo is None and not int8:
+    if (source / "manifest.json").is_file() or is_ensemble_bundle(source):  # already a bundle
+        if triton_repo is None and not int8 and not engines_only:
             raise click.UsageError("SOURCE is a bundle: give --triton REPO, --int8 or --engines-only")
         out = source
+    elif engines_only:
+        raise click.UsageError("--engines-only takes a bundle directory (SOURCE)")
     elif out is None:
         raise click.UsageError("give --out BUNDLE")
+    elif is_ensemble(source):
+        export_ensemble_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
+        click.echo(f"wrote ensemble bundle {out}")
     else:
         export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
         click.echo(f"wrote bundle {out}")
+    ensemble = is_ensemble_bundle(out)
+    models = member_dirs(out) if ensemble else [out]
+    if engines_only:
+        for model in models:
+            engines = build_bundle_engines(model, fp16=True, log=click.echo)
+            click.echo(f"built {len(engines)} engines in {model}")
     if int8:
         from fbnet.checkpoint import load_checkpoint
         from fbnet.data.manifest import load_dataset
         from fbnet.runtime.engine.manifest import BundleError, Manifest
 
-        source_checkpoint = Manifest.load(out / Manifest.FILE).source_checkpoint or {}
-        if "path" not in source_checkpoint:
-            raise BundleError(f"{out / Manifest.FILE}: records no source checkpoint to calibrate INT8 on")
-        ckpt = load_checkpoint(source_checkpoint["path"])
-        train = load_dataset(ckpt["data_root"]).split("train")[:calibration_images]
-        click.echo(f"quantizing to INT8, calibrated on {len(train)} training images")
-        graphs = tuple(g.strip() for g in int8_graphs.split(",") if g.strip())
-        quantize_bundle(out, [it.image for it in train], graphs, calibration_method, log=click.echo)
+        for model in models:
+            source_checkpoint = Manifest.load(model / Manifest.FILE).source_checkpoint or {}
+            if "path" not in source_checkpoint:
+                raise BundleError(f"{model / Manifest.FILE}: records no source checkpoint to calibrate INT8 on")
+            ckpt = load_checkpoint(source_checkpoint["path"])
+            train = load_dataset(ckpt["data_root"]).split("train")[:calibration_images]
+            click.echo(f"quantizing {model} to INT8, calibrated on {len(train)} training images")
+            graphs = tuple(g.strip() for g in int8_graphs.split(",") if g.strip())
+            quantize_bundle(model, [it.image for it in train], graphs, calibration_method, log=click.echo)
+    if ensemble and (engines_only or int8):
+        record_members(out)  # the members' manifests changed
     if triton_repo is not None:
         write_triton_repository(out, triton_repo, gallery, max_batch=triton_max_batch)
         click.echo(f"wrote Triton model repository {triton_repo}" +
@@ -254,7 +268,8 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), help="dataset (default: the one trained on)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="also write the result here")
 def parity_cmd(checkpoint, bundle, split, backend, data_dir, json_out):
-    """Check that the runtime ranks a split as PyTorch does (exit 1 when MAP differs too much)."""
+    """Check that the runtime ranks a split as PyTorch does (exit 1 when MAP differs too much).
+    CHECKPOINT may be an ensemble file, with its ensemble bundle."""
     from .atomic import atomic_write_text
     from .parity import format_parity, run_parity
 

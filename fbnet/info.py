@@ -1,4 +1,5 @@
-"""``fbnet info PATH``: what a checkpoint, an ensemble file, a bundle or a gallery holds.
+"""``fbnet info PATH``: what a checkpoint, an ensemble file, a bundle or a gallery (or an
+ensemble's bundle or gallery) holds.
 
 Printed as ``key: value`` lines: the model and its shapes, the metrics and fusion weights it was
 selected with, and for bundles and galleries the store, the item counts and whether every file
@@ -21,6 +22,10 @@ def describe(path: str | Path) -> list[str]:
     path = Path(path)
     if path.is_dir() and (path / "manifest.json").is_file():
         return describe_bundle(path)
+    if path.is_dir() and (path / "ensemble.json").is_file():
+        return describe_ensemble_dir(path, "ensemble.json", describe_bundle)
+    if path.is_dir() and (path / "ensemble-gallery.json").is_file():
+        return describe_ensemble_dir(path, "ensemble-gallery.json", describe_gallery)
     if path.is_dir() and ((path / "gallery.json").is_file() or (path / "shards.json").is_file()):
         return describe_gallery(path)
     from .ensemble import is_ensemble
@@ -29,8 +34,8 @@ def describe(path: str | Path) -> list[str]:
         return describe_ensemble(path)
     if path.is_file():
         return describe_checkpoint(path)
-    raise InfoError(f"{path}: not a checkpoint, ensemble file, bundle (manifest.json) or gallery "
-                    "(gallery.json or shards.json)")
+    raise InfoError(f"{path}: not a checkpoint, ensemble file, bundle (manifest.json or ensemble.json) or "
+                    "gallery (gallery.json, shards.json or ensemble-gallery.json)")
 
 
 def _metrics(m: dict | None) -> str:
@@ -75,6 +80,25 @@ def describe_ensemble(path: Path) -> list[str]:
     for m, ckpt in zip(ensemble.members, member_checkpoints(ensemble)):
         lines.append(f"member {m.checkpoint}: weight {m.weight}, model {ckpt['config']['model']['name']}, "
                      f"validation {_metrics(ckpt.get('val_metrics'))}")
+    return lines
+
+
+def describe_ensemble_dir(path: Path, record: str, describe_member) -> list[str]:
+    """An ensemble bundle (``ensemble.json``) or gallery (``ensemble-gallery.json``): its record,
+    then each member described as one model's."""
+    from .runtime.engine.manifest import EnsembleGalleryMeta, EnsembleManifest
+
+    if record == EnsembleManifest.FILE:
+        meta = EnsembleManifest.load(path / record)
+        folders = [m.bundle for m in meta.members]
+        weights = ", ".join(f"{m.weight:g}" for m in meta.members)
+        lines = [f"{path}: fbnet ensemble bundle of {len(folders)} members (weights {weights}; "
+                 f"{meta.canvas} px canvas; exported {meta.created})"]
+    else:
+        folders = EnsembleGalleryMeta.load(path / record).members
+        lines = [f"{path}: fbnet ensemble gallery of {len(folders)} member galleries"]
+    for folder in folders:
+        lines += ["  " + line for line in describe_member(path / folder)]
     return lines
 
 

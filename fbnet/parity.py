@@ -4,7 +4,9 @@ The PyTorch side recomputes block features in float32 (the training cache holds 
 scores with the checkpoint's model; the runtime side decodes the same image files and chains the
 bundle's graphs on the chosen backend. Both score matrices go through the same metrics. Parity
 holds when |MAP difference| <= 0.005 (float32 backends), 0.01 (float16 engines) or 0.02 (a bundle
-with INT8 graphs, ``fbnet export --int8``); the report lists every MAP and R@K change.
+with INT8 graphs, ``fbnet export --int8``); the report lists every MAP and R@K change. An
+ensemble file and its ensemble bundle are compared the same way, each side scoring
+``sum_m w_m S_m``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 
 from .checkpoint import load_checkpoint
 from .data.manifest import load_dataset
+from .ensemble import EnsembleError, combine, is_ensemble, load_ensemble, member_checkpoints
 from .evaluate import load_model
 from .features import compute_features
 from .metrics import RECALL_KS, retrieval_report
@@ -29,25 +32,34 @@ def top_k_agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta, tb)]))
 
 
-def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto", data=None,
-               limit: int | None = None) -> dict:
-    from .runtime.engine.backends import select_backend
-    from .runtime.engine.bundle import open_bundle
-    from .runtime.engine.retriever import Retriever
-
-    ckpt = load_checkpoint(ckpt_path)
+def pytorch_scores(ckpt: dict, items: list, has_labels: bool, split: str) -> tuple[np.ndarray, Captions]:
+    """A checkpoint's fused scores ``(I, C)`` for ``items``, from float32 block features (eq. 7)."""
     cfg, model, vocab, fusion = load_model(ckpt)
-    dataset = load_dataset(data or ckpt["data_root"])
-    items = dataset.split(split)[:limit]
     detector, encoder = frozen_from_checkpoint(cfg, ckpt)
     m = cfg.model
     feats = compute_features(items, encoder, detector, image_size=m.backbone.image_size, levels=m.levels,
                              max_boxes=m.detector.max_boxes, dtype=np.float32, desc=f"pytorch[{split}]")
-    caps = Captions.from_items(items, vocab, cfg.data.max_words, dataset.has_labels)
-    torch_scores = model.fuse(score_split(model, feats, caps, cfg.train.eval_chunk), fusion)
+    caps = Captions.from_items(items, vocab, cfg.data.max_words, has_labels)
+    return model.fuse(score_split(model, feats, caps, cfg.train.eval_chunk), fusion), caps
 
-    bundle = open_bundle(bundle_path)
-    retriever = Retriever(bundle, select_backend(bundle, backend))
+
+def run_parity(source, bundle_path, split: str = "test", backend: str = "auto", data=None,
+               limit: int | None = None) -> dict:
+    """``source``: a checkpoint and its bundle, or an ensemble file and its ensemble bundle (scores
+    ``sum_m w_m S_m`` on both sides)."""
+    from .runtime.engine.ensemble import open_retriever
+
+    if is_ensemble(source):
+        ensemble = load_ensemble(source)
+        members, weights = member_checkpoints(ensemble), [m.weight for m in ensemble.members]
+    else:
+        members, weights = [load_checkpoint(source)], [1.0]
+    retriever = open_retriever(bundle_path, backend)
+    _check_members(retriever, weights, bundle_path, source)
+    dataset = load_dataset(data or members[0]["data_root"])
+    items = dataset.split(split)[:limit]
+    parts = [pytorch_scores(ckpt, items, dataset.has_labels, split) for ckpt in members]
+    torch_scores, caps = combine([p[0] for p in parts], weights), parts[0][1]
     captions = [c for it in items for c in it.captions]
     runtime_scores = retriever.score(retriever.encode_images([it.image for it in items]),
                                      retriever.encode_texts(captions))
@@ -55,7 +67,8 @@ def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto
     args = (caps.image, caps.image_labels, caps.labels)
     ref, got = retrieval_report(torch_scores, *args), retrieval_report(runtime_scores, *args)
     primary = ref["primary"]
-    quantized = bundle.manifest.quantization
+    bundles = getattr(retriever.bundle, "members", [retriever.bundle])
+    quantized = next((b.manifest.quantization for b in bundles if b.manifest.quantization), None)
     precision = "int8" if quantized else "float16" if retriever.backend.half else "float32"
     result = {
         "split": split, "images": len(items), "captions": len(captions),
@@ -71,6 +84,14 @@ def run_parity(ckpt_path, bundle_path, split: str = "test", backend: str = "auto
     }
     result["passed"] = abs(result["map_diff"]) <= result["tolerance"]
     return result
+
+
+def _check_members(retriever, weights: list[float], bundle_path, source) -> None:
+    """An ensemble bundle must hold as many members, with the same weights, as the ensemble file."""
+    got = getattr(retriever, "weights", [1.0])
+    if len(got) != len(weights) or not np.allclose(got, weights):
+        raise EnsembleError(f"{bundle_path}: {len(got)} member(s) weighted {got}, {source}: {len(weights)} "
+                            f"weighted {weights}; not its bundle (fbnet export {source} --out BUNDLE makes it)")
 
 
 def _headline(report: dict) -> dict:

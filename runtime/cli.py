@@ -16,6 +16,8 @@ Queries use two-stage search (:mod:`fbnet.runtime.search.searcher`; ``--exhausti
 
 ``query`` is also the default: a first argument that is not a command name (an image path,
 ``--text``, ``--bundle``) runs it, so ``fbnet-serve-cli query.jpg --bundle B --gallery G`` works.
+``--bundle`` may be an ensemble bundle (``fbnet export ENSEMBLE.yaml``): ``index`` then writes one
+gallery per member (:mod:`fbnet.runtime.gallery.ensemble`) and the others search them as one.
 Every expected failure (:class:`~fbnet.errors.FbnetError`) is one line on stderr and exit code 1.
 """
 
@@ -32,12 +34,13 @@ import click
 from fbnet.command import FbnetGroup
 from fbnet.preprocess import MAX_PIXELS
 
-from .engine.backends import BACKENDS, select_backend
-from .engine.bundle import open_bundle
-from .engine.retriever import Retriever
+from .engine.backends import BACKENDS
+from .engine.ensemble import is_ensemble_bundle, open_ensemble_bundle, open_retriever
+from .gallery import open_gallery
 from .gallery.build import build_gallery, list_images, read_captions
+from .gallery.ensemble import build_ensemble_gallery
 from .gallery.gallery import GalleryError
-from .gallery.shards import build_sharded, open_gallery
+from .gallery.shards import build_sharded
 from .gallery.stores import STORES
 from .search.searcher import DEFAULT_SHORTLIST, Searcher, hits_json
 from .serving.http_limits import MAX_HEADER_BYTES
@@ -71,11 +74,6 @@ def cli():
     warnings.filterwarnings("ignore", module="onnxruntime")
 
 
-def _retriever(bundle: str, backend: str) -> Retriever:
-    b = open_bundle(bundle)
-    return Retriever(b, select_backend(b, backend))
-
-
 @cli.command("index")
 @click.option("--bundle", required=True, type=click.Path(), help="bundle directory from `fbnet export`")
 @click.option("--images", "image_dir", type=click.Path(), help="directory of gallery images")
@@ -107,22 +105,33 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_s
     options = {"store": store or ("float16" if float16 else "float32"), "first_stage": first_stage,
                "memory_budget": first_stage_memory << 20 if first_stage_memory else None}
     if ray_address:
-        from .gallery.ray_index import index_on_ray
-
         # the driver only plans the shards and lists them when built: the workers open the backend,
         # so a head node without a GPU (or TensorRT) can drive GPU workers
         backend = "onnxruntime" if backend == "auto" and not ray_gpus_per_worker else backend
-        index_on_ray(bundle, images, caps, out, shard_size or 1000, workers=ray_workers,
-                     address=None if ray_address == "local" else ray_address, backend=backend,
-                     gpus_per_worker=ray_gpus_per_worker, log=click.echo, **options)
-        used = f"{ray_workers} Ray workers ({backend})"
-    else:
-        retriever = _retriever(bundle, backend)
+
+    def index_model(bundle_dir, target) -> str:
+        """One model's gallery (an ensemble runs this for each member); returns what encoded it."""
+        if ray_address:
+            from .gallery.ray_index import index_on_ray
+
+            index_on_ray(bundle_dir, images, caps, target, shard_size or 1000, workers=ray_workers,
+                         address=None if ray_address == "local" else ray_address, backend=backend,
+                         gpus_per_worker=ray_gpus_per_worker, log=click.echo, **options)
+            return f"{ray_workers} Ray workers ({backend})"
+        retriever = open_retriever(bundle_dir, backend)
         if shard_size:
-            build_sharded(retriever, images, caps, out, shard_size, **options)
+            build_sharded(retriever, images, caps, target, shard_size, **options)
         else:
-            build_gallery(retriever, images, caps, out, **options)
-        used = retriever.backend.name
+            build_gallery(retriever, images, caps, target, **options)
+        return retriever.backend.name
+
+    if is_ensemble_bundle(bundle):
+        used = set()
+        build_ensemble_gallery(open_ensemble_bundle(bundle), out,
+                               lambda member, folder: used.add(index_model(member.root, folder)))
+        used = ", ".join(sorted(used)) or "members indexed before"
+    else:
+        used = index_model(bundle, out)
     click.echo(f"indexed {len(images)} images and {len(caps)} captions into {out} with {used} "
                f"in {time.time() - t0:.1f}s")
 
@@ -143,7 +152,7 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, npro
     """Rank the gallery's captions for image queries, or its images for --text queries."""
     if not images and not texts:
         raise click.UsageError("give query images, or --text \"a caption\"")
-    retriever = _retriever(bundle, backend)
+    retriever = open_retriever(bundle, backend)
     g = open_gallery(gallery, retriever.bundle)
     # the queries' own errors (unreadable image, empty caption) come first
     image_queries = retriever.encode_images(list(images)) if images else None
@@ -203,7 +212,7 @@ def serve_cmd(bundle, gallery, host, port, shortlist, backend, max_batch, max_wa
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    retriever = _retriever(bundle, backend)
+    retriever = open_retriever(bundle, backend)
     g = open_gallery(gallery, retriever.bundle)  # a bad gallery fails here, before the port opens
     server = SearchServer(lambda: SearchService(retriever, g, shortlist, rerank_lanes),
                           ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
@@ -237,7 +246,7 @@ def triton_cmd(bundle, gallery, host, http_port, grpc_port, metrics_port, shortl
 
     from .serving.triton import serve_triton
 
-    retriever = _retriever(bundle, backend)  # a bad bundle, gallery or backend fails here, in one line
+    retriever = open_retriever(bundle, backend)  # a bad bundle, gallery or backend fails here, in one line
     open_gallery(gallery, retriever.bundle)
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):

@@ -119,7 +119,8 @@ def test_a_gallery_opens_with_any_export_of_its_model_and_no_other(trained, bund
     from fbnet.cli import main
     from fbnet.runtime.gallery.build import list_images, read_captions
     from fbnet.runtime.gallery.gallery import Gallery
-    from fbnet.runtime.gallery.shards import build_sharded, open_gallery, plan_shards
+    from fbnet.runtime.gallery import open_gallery
+    from fbnet.runtime.gallery.shards import build_sharded, plan_shards
 
     retriever, gallery, root = served
     first = retriever.bundle

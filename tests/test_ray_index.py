@@ -22,7 +22,7 @@ def test_ray_index_equals_single_process_and_resumes(ray_cluster, bundle, galler
     from fbnet.runtime.engine.retriever import Retriever
     from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
     from fbnet.runtime.gallery.ray_index import index_on_ray
-    from fbnet.runtime.gallery.shards import open_gallery
+    from fbnet.runtime.gallery import open_gallery
 
     b = open_bundle(bundle)
     images, captions = list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt")
@@ -52,14 +52,14 @@ def test_ray_driver_opens_no_backend(ray_cluster, bundle, gallery_inputs, tmp_pa
     so a head node without a GPU (or TensorRT) can drive GPU workers. On the driver every way to a
     backend raises here; the workers (other processes) are untouched."""
     import fbnet.runtime.cli as cli
-    from fbnet.runtime.engine import backends, retriever
+    from fbnet.runtime.engine import backends, ensemble, retriever
     from fbnet.runtime.engine.bundle import open_bundle
-    from fbnet.runtime.gallery.shards import open_gallery
+    from fbnet.runtime.gallery import open_gallery
 
     def no_backend(*args, **kwargs):
         raise AssertionError("the Ray driver opened a backend")
 
-    for owner, name in ((cli, "select_backend"), (backends, "select_backend"), (retriever.Retriever, "__init__"),
+    for owner, name in ((ensemble, "select_backend"), (backends, "select_backend"), (retriever.Retriever, "__init__"),
                         (backends.OnnxRuntimeBackend, "__init__"), (backends.TensorRTBackend, "__init__")):
         monkeypatch.setattr(owner, name, no_backend)
     out = tmp_path / "g"

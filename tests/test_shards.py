@@ -40,7 +40,7 @@ def test_sharded_gallery_searches_as_one(bundle, gallery_inputs, tmp_path):
     from fbnet.runtime.gallery.build import build_gallery, list_images, read_captions
     from fbnet.runtime.gallery.gallery import GalleryError
     from fbnet.runtime.gallery.shards import ShardedGallery, build_sharded
-    from fbnet.runtime.gallery.shards import open_gallery
+    from fbnet.runtime.gallery import open_gallery
     from fbnet.runtime.search.searcher import Searcher
 
     b = open_bundle(bundle)

@@ -96,7 +96,7 @@ def _service(bundle: Path, gallery_dir: Path):
     from fbnet.runtime.engine.backends import select_backend
     from fbnet.runtime.engine.bundle import open_bundle
     from fbnet.runtime.engine.retriever import Retriever
-    from fbnet.runtime.gallery.shards import open_gallery
+    from fbnet.runtime.gallery import open_gallery
     from fbnet.runtime.serving.service import SearchService
 
     b = open_bundle(bundle)
@@ -163,7 +163,8 @@ def test_shards_built_as_ray_actors_build_them(tiny_run, tiny_bundle, gallery, t
     from fbnet.runtime.engine.bundle import open_bundle
     from fbnet.runtime.engine.engine_tags import engine_name, gpu_compute_capability
     from fbnet.runtime.gallery.ray_index import ShardBuilder
-    from fbnet.runtime.gallery.shards import finish_shards, open_gallery, plan_shards
+    from fbnet.runtime.gallery import open_gallery
+    from fbnet.runtime.gallery.shards import finish_shards, plan_shards
 
     bundle = open_bundle(tiny_bundle)
     images = sorted(str(p) for p in (tiny_run / "data" / "images").iterdir())

@@ -20,7 +20,7 @@ class ImageFeatures:
     def __len__(self) -> int:
         return len(self.fg_mask)
 
-    def take(self, index) -> "ImageFeatures":
+    def take(self, index) -> ImageFeatures:
         return ImageFeatures({k: v[index] for k, v in self.blocks.items()}, self.fg_mask[index])
 
     def box_groups(self, captions: int = 1, call_cost: int = 0) -> list[tuple[np.ndarray, int]]:
@@ -37,7 +37,7 @@ class ImageFeatures:
             groups.append((rows, boxes))
         return groups
 
-    def cut_boxes(self, n: int) -> "ImageFeatures":
+    def cut_boxes(self, n: int) -> ImageFeatures:
         """The first ``n`` box slots only: F-Net level u keeps ``n u**2`` blocks."""
         return ImageFeatures({k: v[:, : box_width(k, n)] for k, v in self.blocks.items()}, self.fg_mask[:, :n])
 
@@ -68,7 +68,7 @@ class TextFeatures:
     def __len__(self) -> int:
         return len(next(iter(self.windows.values())))
 
-    def take(self, index) -> "TextFeatures":
+    def take(self, index) -> TextFeatures:
         return TextFeatures({k: v[index] for k, v in self.windows.items()})
 
 
@@ -80,3 +80,22 @@ def real_units(units: np.ndarray) -> np.ndarray:
 def concat_images(parts: list[ImageFeatures]) -> ImageFeatures:
     return ImageFeatures({k: np.concatenate([p.blocks[k] for p in parts]) for k in parts[0].blocks},
                          np.concatenate([p.fg_mask for p in parts]))
+
+
+@dataclass
+class MemberFeatures:
+    """An ensemble's features of the same images (or captions): one :class:`ImageFeatures` (or
+    :class:`TextFeatures`) per member, each from that member's own encoders. The first member's
+    (``lead``) give the first stage of two-stage search."""
+
+    members: list
+
+    def __len__(self) -> int:
+        return len(self.members[0])
+
+    @property
+    def lead(self):
+        return self.members[0]
+
+    def take(self, index) -> MemberFeatures:
+        return MemberFeatures([m.take(index) for m in self.members])

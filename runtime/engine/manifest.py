@@ -7,6 +7,8 @@
   read it.
 * :class:`GalleryMeta` is a gallery's ``gallery.json``; :class:`ShardsMeta` a sharded gallery's
   ``shards.json``.
+* :class:`EnsembleManifest` is an ensemble bundle's ``ensemble.json`` (member bundles and their
+  score weights); :class:`EnsembleGalleryMeta` an ensemble gallery's ``ensemble-gallery.json``.
 
 Each file carries a ``kind`` and a ``format_version``, checked on load: a missing, foreign or
 other-version file is refused with one line that names it. Fields a reader does not know are kept
@@ -37,6 +39,10 @@ from fbnet.jsonfile import read_json
 BUNDLE_KIND = "fbnet-bundle"
 GALLERY_KIND = "fbnet-gallery"
 SHARDS_KIND = "fbnet-gallery-shards"
+ENSEMBLE_BUNDLE_KIND = "fbnet-ensemble-bundle"
+ENSEMBLE_GALLERY_KIND = "fbnet-ensemble-gallery"
+#: ensemble.json and ensemble-gallery.json
+ENSEMBLE_FORMAT = 1
 #: gallery.json and shards.json: 2 records the encoders' identity; 1 (no ``format_version`` in the
 #: file) recorded the sha256 of the whole manifest.json, and is still read.
 GALLERY_FORMAT = 2
@@ -426,3 +432,69 @@ class ShardsMeta(_GalleryRecord):
 
     def __post_init__(self):
         self.shards = [s if isinstance(s, ShardEntry) else ShardEntry(**s) for s in self.shards]
+
+
+# -- ensembles ----------------------------------------------------------------------------------
+@dataclass
+class EnsembleMember:
+    """One member of an ensemble bundle: its bundle folder (relative), score weight and the sha256
+    of its manifest.json."""
+
+    bundle: str
+    weight: float
+    manifest_sha256: str
+
+
+@dataclass(kw_only=True)
+class EnsembleManifest(_Record):
+    """An ensemble bundle's ``ensemble.json``: member bundles (each a whole bundle in its folder) and
+    the weights of their fused scores, ``S = sum_m w_m S_m``. The first member's pooled vectors are
+    the first stage of two-stage search."""
+
+    members: list[EnsembleMember]
+    canvas: int
+    created: str = ""
+    #: the ensemble file exported (path, sha256) and its members' validation metrics
+    source: dict = field(default_factory=dict)
+    format_version: int = ENSEMBLE_FORMAT
+    extra: dict = field(default_factory=dict)
+
+    FILE, KIND, WHAT, ERROR, VERSIONS = "ensemble.json", ENSEMBLE_BUNDLE_KIND, "ensemble bundle", BundleError, \
+        (ENSEMBLE_FORMAT,)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path = FILE) -> EnsembleManifest:
+        known, extra = cls._checked(data, path)
+        try:
+            members = [EnsembleMember(**m) for m in known.pop("members")]
+        except TypeError as exc:
+            raise BundleError(f"{path}: malformed members ({exc})") from None
+        if not members or any(m.weight <= 0 for m in members):
+            raise BundleError(f"{path}: members must be a non-empty list with positive weights")
+        return cls(members=members, **known, extra=extra)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        extra = data.pop("extra")
+        return {"kind": self.KIND, **data, **extra}
+
+
+@dataclass(kw_only=True)
+class EnsembleGalleryMeta(_Record):
+    """An ensemble gallery's ``ensemble-gallery.json``: one gallery per member bundle, in its
+    folder, each bound to that member's encoders by its own ``gallery.json``."""
+
+    members: list[str]
+    format_version: int = ENSEMBLE_FORMAT
+    extra: dict = field(default_factory=dict)
+
+    FILE, KIND, WHAT, ERROR, VERSIONS = "ensemble-gallery.json", ENSEMBLE_GALLERY_KIND, "ensemble gallery", \
+        GalleryError, (ENSEMBLE_FORMAT,)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str | Path = FILE) -> EnsembleGalleryMeta:
+        known, extra = cls._checked(data, path)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, "members": list(self.members), "format_version": self.format_version, **self.extra}

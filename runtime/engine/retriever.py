@@ -17,7 +17,7 @@ from fbnet.preprocess import load_image
 from fbnet.vocab import tokenize
 from fbnet.windows import image_block_boxes
 
-from .backends import Backend
+from .backends import Backend, OnnxRuntimeBackend
 from .bundle import Bundle
 from .features import ImageFeatures, TextFeatures, as_float32, concat_images, real_units
 
@@ -55,6 +55,15 @@ class Retriever:
         #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
         self.dynamic_boxes = fg is not None and isinstance(fg.shape[1], str) and "F1" in self.keys
 
+    def lane(self) -> Retriever | None:
+        """This retriever on one-thread ONNX Runtime CPU sessions (a re-rank lane of
+        :class:`~fbnet.runtime.search.searcher.Searcher`), or None on another backend."""
+        backend = self.backend
+        if not isinstance(backend, OnnxRuntimeBackend) or backend.providers[0] != "CPUExecutionProvider":
+            return None
+        return Retriever(self.bundle, OnnxRuntimeBackend(self.bundle, threads=1), self.batch_size,
+                         self.text_batch_size, self.max_pairs, self.max_items, self.call_cost)
+
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run ``graph`` on the feeds it declares (the others are dropped)."""
         return self.backend.run(graph, {k: v for k, v in feeds.items() if k in self.inputs[graph]})
@@ -79,11 +88,8 @@ class Retriever:
         return ImageFeatures(dict(zip(self.keys, outs)), feeds["fg_mask"])
 
     def encode_images(self, paths: list[str | Path]) -> ImageFeatures:
-        parts = []
-        for start in range(0, len(paths), self.batch_size):
-            batch = paths[start: start + self.batch_size]
-            parts.append(self.encode_canvases(np.stack([load_image(p, self.bundle.canvas) for p in batch])))
-        return concat_images(parts)
+        batches = canvas_batches(paths, self.bundle.canvas, self.batch_size)
+        return concat_images([self.encode_canvases(c) for c in batches])
 
     # -- captions -----------------------------------------------------------------------
     def encode_texts(self, captions: list[str]) -> TextFeatures:
@@ -120,6 +126,12 @@ class Retriever:
                 for out, value in zip(outs, got):
                     out[isl, csl][rows] = value
         return (outs[0], dict(zip(self.keys, outs[1:]))) if per_key else outs[0]
+
+
+def canvas_batches(paths: list[str | Path], canvas: int, batch_size: int):
+    """The photos at ``paths`` decoded and resized to the canvas, ``batch_size`` at a time."""
+    for start in range(0, len(paths), batch_size):
+        yield np.stack([load_image(p, canvas) for p in paths[start: start + batch_size]])
 
 
 def pair_chunks(n_img: int, n_cap: int, max_pairs: int, max_items: int):

@@ -26,7 +26,7 @@ import numpy as np
 
 from fbnet.errors import FbnetError
 
-from ..engine.features import ImageFeatures, TextFeatures
+from ..engine.features import ImageFeatures, MemberFeatures, TextFeatures
 
 #: Below this many vectors the first stage is exact (one matrix product is fast enough).
 FLAT_LIMIT = 100_000
@@ -45,9 +45,10 @@ def level1_key(keys: list[str]) -> str:
     return "B1" if "B1" in keys else "F1"
 
 
-def pooled_images(feats: ImageFeatures) -> np.ndarray:
+def pooled_images(feats: ImageFeatures | MemberFeatures) -> np.ndarray:
     """First-stage image embeddings ``(N, d)``: the level-1 block(s) of the first branch, averaged
-    over real boxes for F-Net."""
+    over real boxes for F-Net (an ensemble's: its first member's)."""
+    feats = feats.lead if isinstance(feats, MemberFeatures) else feats
     key = level1_key(list(feats.blocks))
     blocks = np.asarray(feats.blocks[key], dtype=np.float32)
     if key == "B1":
@@ -56,8 +57,10 @@ def pooled_images(feats: ImageFeatures) -> np.ndarray:
     return _unit((blocks * mask).sum(axis=1))
 
 
-def pooled_texts(feats: TextFeatures) -> np.ndarray:
-    """First-stage caption embeddings ``(N, d)``: the level-1 text window (the whole caption)."""
+def pooled_texts(feats: TextFeatures | MemberFeatures) -> np.ndarray:
+    """First-stage caption embeddings ``(N, d)``: the level-1 text window (the whole caption; an
+    ensemble's: its first member's)."""
+    feats = feats.lead if isinstance(feats, MemberFeatures) else feats
     return _unit(feats.windows[level1_key(list(feats.windows))][:, 0])
 
 

@@ -189,8 +189,8 @@ def build_sharded(retriever, images: list, captions: list[str], out: str | Path,
     return finish_shards(retriever.bundle, out, jobs, shard_size)
 
 
-def open_gallery(root: str | Path, bundle: Bundle) -> Gallery | ShardedGallery:
-    """A gallery directory, sharded (``shards.json``) or not."""
+def open_model_gallery(root: str | Path, bundle: Bundle) -> Gallery | ShardedGallery:
+    """One model's gallery directory, sharded (``shards.json``) or not."""
     return ShardedGallery(root, bundle) if (Path(root) / SHARDS_FILE).is_file() else Gallery(root, bundle)
 
 

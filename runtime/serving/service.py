@@ -16,7 +16,7 @@ import numpy as np
 
 from fbnet.vocab import tokenize
 
-from ..engine.backends import OnnxRuntimeBackend
+from ..engine.ensemble import EnsembleRetriever
 from ..engine.retriever import QueryError, Retriever
 from ..gallery.gallery import Gallery
 from ..search.searcher import Searcher, hits_json
@@ -42,15 +42,13 @@ class ImageQuery:
 class SearchService:
     """Text and image queries against one gallery. Not thread-safe: one worker calls it."""
 
-    def __init__(self, retriever: Retriever, gallery: Gallery, shortlist: int, rerank_lanes: int = 0):
+    def __init__(self, retriever: Retriever | EnsembleRetriever, gallery: Gallery, shortlist: int,
+                 rerank_lanes: int = 0):
         """``rerank_lanes`` > 1: re-rank a batch's queries in parallel on that many single-threaded
         ONNX Runtime sessions (:class:`Searcher`); needs the ONNX Runtime CPU backend."""
         self.retriever, self.gallery = retriever, gallery
-        lanes = []
-        if rerank_lanes > 1 and isinstance(retriever.backend, OnnxRuntimeBackend) \
-                and retriever.backend.providers[0] == "CPUExecutionProvider":
-            lanes = [Retriever(retriever.bundle, OnnxRuntimeBackend(retriever.bundle, threads=1))
-                     for _ in range(rerank_lanes)]
+        lanes = [retriever.lane() for _ in range(rerank_lanes)] if rerank_lanes > 1 else []
+        lanes = lanes if all(lanes) else []
         self.searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist, lanes=lanes,
                                  image_stage=gallery.first_stage("images"), text_stage=gallery.first_stage("texts"))
 

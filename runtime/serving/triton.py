@@ -8,6 +8,7 @@ come two ways:
   bundle's graphs as ``onnxruntime_onnx`` (and ``tensorrt_plan``) models, the search models run
   with :class:`BLSBackend`, whose ``run(graph, feeds)`` is a BLS call to the graph's model, so
   Triton batches and places the graphs and the search logic is the runtime's own.
+  An ensemble bundle's repository holds every member's graphs (``fbnet_member<i>_<graph>``).
 * **PyTriton's server** (``fbnet-serve-cli triton``, :func:`serve_triton`): the Triton server
   binary and Python backend that ``nvidia-pytriton`` ships, given a repository of the two search
   models alone, which run the graphs with ONNX Runtime (or TensorRT) inside their backend
@@ -42,6 +43,8 @@ from ..engine.retriever import QueryError
 from .service import ImageQuery, SearchService, TextQuery
 
 GRAPH_MODEL = "fbnet_{graph}"
+#: an ensemble bundle's graphs: one set of models per member
+MEMBER_GRAPH_MODEL = "fbnet_member{member}_{graph}"
 SEARCH_INPUTS = {kind: [(kind, "TYPE_STRING", False), ("top_k", "TYPE_INT32", True),
                         ("shortlist", "TYPE_INT32", True), ("nprobe", "TYPE_INT32", True)] for kind in ("text", "image")}
 SEARCH_OUTPUTS = [("result", "TYPE_STRING", False)]
@@ -117,6 +120,11 @@ def triton_error(pb_utils, exc: Exception):
     return error_type(str(exc), getattr(error_type, code)) if hasattr(error_type, code) else error_type(str(exc))
 
 
+def graph_model(graph: str, member: int | None = None) -> str:
+    """The Triton model that serves ``graph`` (of ensemble member ``member``)."""
+    return GRAPH_MODEL.format(graph=graph) if member is None else MEMBER_GRAPH_MODEL.format(member=member, graph=graph)
+
+
 # -- the search models (Python backend) -------------------------------------------------------------
 class BLSBackend:
     """A runtime backend whose graphs are models of the same Triton server (BLS calls)."""
@@ -124,8 +132,9 @@ class BLSBackend:
     name = "triton-bls"
     half = False
 
-    def __init__(self, bundle, pb_utils, suffix: str = ""):
-        self.pb, self.suffix = pb_utils, suffix
+    def __init__(self, bundle, pb_utils, suffix: str = "", member: int | None = None):
+        """``member``: the bundle is that member of an ensemble (its graphs' models are named so)."""
+        self.pb, self.suffix, self.member = pb_utils, suffix, member
         self.specs = bundle.manifest.graphs
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -135,7 +144,7 @@ class BLSBackend:
                       feeds[t.name].reshape(-1, 1) if batched and len(t.shape) == 1 else feeds[t.name]))
                   for t in spec.inputs]
         names = [t.name for t in spec.outputs]
-        response = self.pb.InferenceRequest(model_name=GRAPH_MODEL.format(graph=graph) + self.suffix,
+        response = self.pb.InferenceRequest(model_name=graph_model(graph, self.member) + self.suffix,
                                             requested_output_names=names, inputs=inputs).exec()
         if response.has_error():
             raise RuntimeError(f"{graph}: {response.error().message()}")
@@ -151,23 +160,27 @@ class TritonPythonModel:
     def initialize(self, args):
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415  (only inside Triton)
 
-        from ..engine.backends import select_backend
         from ..engine.bundle import open_bundle
+        from ..engine.ensemble import EnsembleRetriever, is_ensemble_bundle, open_ensemble_bundle, open_retriever
         from ..engine.retriever import Retriever
-        from ..gallery.shards import open_gallery
+        from ..gallery import open_gallery
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         self.pb, self.kind = pb_utils, params["kind"]
-        bundle = open_bundle(params["bundle"])
-        backend = params.get("backend", "bls")
+        path, backend, suffix = params["bundle"], params.get("backend", "bls"), params.get("graph_suffix", "")
         self.max_pixels = int(params.get("max_pixels", MAX_PIXELS))
-        if backend == "bls":
-            retriever = Retriever(bundle, BLSBackend(bundle, pb_utils, params.get("graph_suffix", "")))
+        if backend != "bls":
+            retriever = open_retriever(path, backend)
+        elif is_ensemble_bundle(path):
+            ensemble = open_ensemble_bundle(path)
+            retriever = EnsembleRetriever(ensemble, [Retriever(b, BLSBackend(b, pb_utils, suffix, i))
+                                                     for i, b in enumerate(ensemble.members)])
         else:
-            retriever = Retriever(bundle, select_backend(bundle, backend))
-        self.service = SearchService(retriever, open_gallery(params["gallery"], bundle), int(params["shortlist"]),
-                                     int(params.get("rerank_lanes", 0)))
+            bundle = open_bundle(path)
+            retriever = Retriever(bundle, BLSBackend(bundle, pb_utils, suffix))
+        self.service = SearchService(retriever, open_gallery(params["gallery"], retriever.bundle),
+                                     int(params["shortlist"]), int(params.get("rerank_lanes", 0)))
         if backend != "bls":  # a BLS model's graphs may still be loading
             self.service.warm()
 

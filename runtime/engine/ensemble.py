@@ -1,0 +1,117 @@
+"""Ensembles in the runtime: a bundle of member bundles, scored as the weighted sum of the members'
+fused scores (the rule of :mod:`fbnet.ensemble`, ``S = sum_m w_m S_m``).
+
+::
+
+    ENSEMBLE_BUNDLE/
+      ensemble.json   members (folder, weight, sha256 of its manifest.json), canvas, source
+      member0/        a whole bundle (``fbnet export`` of the first checkpoint)
+      member1/        ...
+
+:class:`EnsembleRetriever` has the :class:`~.retriever.Retriever` interface the gallery, search
+and serving layers use: a photo is decoded once and encoded by every member; its features are a
+:class:`~.features.MemberFeatures` (one set per member); :meth:`EnsembleRetriever.score` sums the
+members' fused scores. :func:`open_retriever` opens either kind of bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .backends import select_backend
+from .bundle import Bundle, open_bundle, sha256
+from .features import MemberFeatures, concat_images
+from .manifest import BundleError, EnsembleManifest
+from .retriever import Retriever, canvas_batches
+
+
+def member_folder(i: int) -> str:
+    """Where member ``i`` sits in an ensemble bundle, and its gallery in an ensemble gallery."""
+    return f"member{i}"
+
+
+@dataclass
+class EnsembleBundle:
+    root: Path
+    manifest: EnsembleManifest
+    members: list[Bundle]
+    #: sha256 of ensemble.json
+    manifest_sha256: str
+
+    @property
+    def weights(self) -> list[float]:
+        return [m.weight for m in self.manifest.members]
+
+    @property
+    def canvas(self) -> int:
+        return self.manifest.canvas
+
+    @cached_property
+    def identity(self) -> list[dict[str, str]]:
+        return [b.identity for b in self.members]
+
+
+def is_ensemble_bundle(path: str | Path) -> bool:
+    return (Path(path) / EnsembleManifest.FILE).is_file()
+
+
+def open_ensemble_bundle(path: str | Path, verify: bool = True) -> EnsembleBundle:
+    """Open ``ensemble.json`` and every member bundle (each checked as :func:`~.bundle.open_bundle`
+    checks one); a member whose manifest.json is not the one recorded is refused, naming it."""
+    root = Path(path)
+    manifest_path = root / EnsembleManifest.FILE
+    manifest = EnsembleManifest.load(manifest_path)
+    members = []
+    for i, m in enumerate(manifest.members):
+        bundle = open_bundle(root / m.bundle, verify)
+        if bundle.manifest_sha256 != m.manifest_sha256:
+            raise BundleError(f"{root / m.bundle / 'manifest.json'}: not the member {i} bundle {manifest_path} "
+                              "records (sha256 differs); re-export the ensemble")
+        if bundle.canvas != manifest.canvas:
+            raise BundleError(f"{root / m.bundle}: resizes photos to {bundle.canvas} px, the ensemble to "
+                              f"{manifest.canvas} ({manifest_path})")
+        members.append(bundle)
+    return EnsembleBundle(root, manifest, members, sha256(manifest_path))
+
+
+class EnsembleRetriever:
+    """Several members' retrievers as one (see the module doc). ``backend`` is the first member's
+    (every member runs on the same backend kind)."""
+
+    def __init__(self, bundle: EnsembleBundle, members: list[Retriever]):
+        self.bundle, self.members = bundle, members
+        self.weights = bundle.weights
+        self.backend = members[0].backend
+        self.batch_size = members[0].batch_size
+
+    def lane(self) -> EnsembleRetriever | None:
+        lanes = [m.lane() for m in self.members]
+        return EnsembleRetriever(self.bundle, lanes) if all(lanes) else None
+
+    def encode_canvases(self, canvases: np.ndarray) -> MemberFeatures:
+        return MemberFeatures([m.encode_canvases(canvases) for m in self.members])
+
+    def encode_images(self, paths: list[str | Path]) -> MemberFeatures:
+        parts = [self.encode_canvases(c) for c in canvas_batches(paths, self.bundle.canvas, self.batch_size)]
+        return MemberFeatures([concat_images([p.members[i] for p in parts]) for i in range(len(self.members))])
+
+    def encode_texts(self, captions: list[str]) -> MemberFeatures:
+        return MemberFeatures([m.encode_texts(captions) for m in self.members])
+
+    def score(self, images: MemberFeatures, texts: MemberFeatures) -> np.ndarray:
+        """``sum_m w_m S_m`` over the members' fused scores ``(I, C)``."""
+        return sum(w * m.score(i, t) for w, m, i, t in zip(self.weights, self.members, images.members, texts.members))
+
+
+def open_retriever(path: str | Path, backend: str = "auto") -> Retriever | EnsembleRetriever:
+    """A bundle's retriever on ``backend``: an ensemble bundle's (every member on that backend) or one
+    bundle's."""
+    if is_ensemble_bundle(path):
+        ensemble = open_ensemble_bundle(path)
+        return EnsembleRetriever(ensemble, [Retriever(b, select_backend(b, backend)) for b in ensemble.members])
+    bundle = open_bundle(path)
+    return Retriever(bundle, select_backend(bundle, backend))
