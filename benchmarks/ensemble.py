@@ -1,0 +1,138 @@
+"""The served ensemble on Flickr8k dev: what the runtime returns for an ensemble bundle, against its
+members, with two-stage search and exhaustively; the two first stages an ensemble can use; cost.
+
+    python benchmarks/ensemble.py --ensemble runs/ensemble.yaml [--bundle runs/ensemble-bundle]
+
+Exports the ensemble bundle when it is missing, indexes the 1,000 dev images and 5,000 captions with
+it (one gallery per member), then:
+
+* every member's and the ensemble's exhaustive runtime scores (1,000 x 5,000: ``Retriever.score``
+  of each member, summed with the ensemble's weights, as the runtime re-ranks);
+* two-stage search at K = ``--shortlist`` through the runtime's own ``Searcher`` over the ensemble
+  gallery (every dev image and caption a query): the served figure;
+* the first stage: the first member's pooled vectors (what the runtime uses) against the members'
+  concatenated pooled vectors scaled by sqrt(w_m) (inner product ``sum_m w_m cos_m``), each
+  re-ranked by the ensemble's exhaustive scores at K;
+* a text and an image query's p50 on this 1,000-image / 5,000-caption gallery, the ensemble
+  against its first member, and the gallery's float32 bytes per image.
+
+The table goes to BENCHMARKS.md, "Served ensemble (Flickr8k dev)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fbnet.data.manifest import load_dataset
+from fbnet.ensemble import load_ensemble, member_checkpoints
+from fbnet.export.ensemble import export_ensemble_bundle
+from fbnet.metrics import RECALL_KS, recall_at_k
+from fbnet.preprocess import load_image
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.ensemble import EnsembleRetriever, open_ensemble_bundle
+from fbnet.runtime.engine.retriever import Retriever
+from fbnet.runtime.gallery import open_gallery
+from fbnet.runtime.gallery.build import build_gallery
+from fbnet.runtime.gallery.ensemble import build_ensemble_gallery
+from fbnet.runtime.gallery.first_stage import pooled_images, pooled_texts
+from fbnet.runtime.search.searcher import Searcher
+
+from common import ROOT, machine, timeit, write_section
+from retrieval import recall_cells, runtime_recall, two_stage_recall
+
+HEADING = "## Served ensemble (Flickr8k dev)"
+
+
+def recall_row(label: str, k, r_i: dict, r_t: dict, recovered: str = "") -> str:
+    """A table row from R@K of both directions (fractions, as ``recall_at_k`` gives them)."""
+    r = {**{f"i2t r@{x}": 100 * r_i[x] for x in RECALL_KS}, **{f"t2i r@{x}": 100 * r_t[x] for x in RECALL_KS}}
+    i2t, t2i = recall_cells(r)
+    return f"| {label} | {k} | {i2t} | {t2i} | {sum(r.values()):.1f} | {recovered} |"
+
+
+def exhaustive_row(label: str, scores: np.ndarray, relevant: np.ndarray) -> str:
+    return recall_row(label, "all", recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ensemble", type=Path, default=ROOT / "runs" / "ensemble.yaml")
+    ap.add_argument("--bundle", type=Path, help="default: <ensemble file's folder>/ensemble-bundle")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-ensemble", help="the dev gallery goes here")
+    ap.add_argument("--shortlist", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args()
+    if not args.ensemble.is_file():
+        sys.exit(f"{args.ensemble}: no ensemble file; make one with `fbnet ensemble A.pt B.pt --out FILE`")
+    ensemble = load_ensemble(args.ensemble)
+    bundle_dir = args.bundle or args.ensemble.parent / "ensemble-bundle"
+    if not bundle_dir.is_dir():
+        export_ensemble_bundle(args.ensemble, bundle_dir)
+    bundle = open_ensemble_bundle(bundle_dir)
+    members = [Retriever(b, OnnxRuntimeBackend(b)) for b in bundle.members]
+    retriever = EnsembleRetriever(bundle, members)
+    dataset = load_dataset(member_checkpoints(ensemble)[0]["data_root"])
+    items = dataset.split("val")
+    images = [it.image for it in items]
+    captions = [c for it in items for c in it.captions]
+    owner = np.repeat(np.arange(len(items)), [len(it.captions) for it in items])
+    gallery_dir = args.work / "dev-gallery"
+    if not gallery_dir.is_dir():
+        build_ensemble_gallery(bundle, gallery_dir, lambda b, folder: build_gallery(
+            Retriever(b, OnnxRuntimeBackend(b)), images, captions, folder))
+    g = open_gallery(gallery_dir, bundle)
+    relevant = owner[None, :] == np.arange(len(items))[:, None]
+
+    weights = bundle.weights
+    parts = [r.score(m.image_features, m.text_features) for r, m in zip(members, g.members)]
+    fused = sum(w * s for w, s in zip(weights, parts))
+    lead = pooled_images(g.members[0].image_features) @ pooled_texts(g.members[0].text_features).T
+    concat = sum(w * pooled_images(m.image_features) @ pooled_texts(m.text_features).T
+                 for w, m in zip(weights, g.members))
+    lines = [HEADING, "",
+             f"`python benchmarks/ensemble.py --ensemble {args.ensemble.relative_to(ROOT) if args.ensemble.is_relative_to(ROOT) else args.ensemble}`"
+             f" ({machine()}): the ensemble bundle's dev gallery ({len(images):,} images, {len(captions):,} captions; "
+             "one gallery per member), scored by the runtime (ONNX Runtime). Members: "
+             + "; ".join(f"{i}: `{m.checkpoint}` weight {m.weight:g}" for i, m in enumerate(ensemble.members)) + ".",
+             "",
+             "| search | K | image->text R@1 / R@5 / R@10 | text->image R@1 / R@5 / R@10 | R@sum | top-10 recovered i2t / t2i |",
+             "| --- | ---: | --- | --- | ---: | --- |"]
+    for i, s in enumerate(parts):
+        lines.append(exhaustive_row(f"member {i} alone, exhaustive", s, relevant))
+    lines.append(exhaustive_row("**ensemble, exhaustive**", fused, relevant))
+    k = args.shortlist
+    for label, first in (("first member's pooled vectors (served)", lead), ("members' pooled vectors concatenated", concat)):
+        r_i, rec_i = two_stage_recall(first, fused, relevant, k)
+        r_t, rec_t = two_stage_recall(first.T, fused.T, relevant.T, k)
+        lines.append(recall_row(f"ensemble two-stage, first stage: {label}", k, r_i, r_t, f"{rec_i:.3f} / {rec_t:.3f}"))
+    served = runtime_recall(retriever, g, owner, k)
+    i2t, t2i = recall_cells(served)
+    lines.append(f"| **ensemble two-stage through `Searcher` (what the server answers)** | {k} | {i2t} | {t2i} | "
+                 f"{served['rsum']:.1f} | |")
+
+    photo = load_image(images[0], bundle.canvas)
+    timing = []
+    for label, r, gal in (("first member alone", members[0], g.members[0]), ("ensemble", retriever, g)):
+        searcher = Searcher(r, gal.image_features, gal.text_features, k)
+        text = timeit(lambda: searcher.images_for(r.encode_texts(["a dog runs through the grass"]), 10), args.repeats, 3)
+        image = timeit(lambda: searcher.texts_for(r.encode_canvases(photo[None]), 10), args.repeats, 3)
+        timing.append((label, text["median"], image["median"]))
+    member_bytes = [sum(p.stat().st_size for p in (gallery_dir / name / "images").glob("*.npy"))
+                    for name in g.meta.members]
+    lines += ["", f"Query cost on this gallery (two-stage, K = {k}, p50 of {args.repeats}, encoding included):", "",
+              "| search with | text query p50 ms | image query p50 ms | float32 gallery KB per image |",
+              "| --- | ---: | ---: | ---: |"]
+    for (label, t, im), size in zip(timing, (member_bytes[0], sum(member_bytes))):
+        lines.append(f"| {label} | {t:.1f} | {im:.1f} | {size / len(images) / 1024:.1f} |")
+    section = "\n".join(lines + [""])
+    write_section(args.out, HEADING, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
