@@ -185,8 +185,8 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         improved = val_map > best
         best = max(best, val_map)
         if not improved and tc.plateau_decay < 1.0:  # a plateau: smaller steps from here on
-            for group in opt.param_groups:
-                group["lr"] *= tc.plateau_decay
+            for param_group in opt.param_groups:
+                param_group["lr"] *= tc.plateau_decay
             echo(f"no better validation MAP: learning rate x {tc.plateau_decay} -> {opt.param_groups[0]['lr']:.2e}")
         echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}  R@sum {record['val_rsum']:.1f}"
              f"{'  (best)' if improved else ''}  [{record['seconds']:.0f}s]")

@@ -8,13 +8,14 @@ from fbnet.checkpoint import load_checkpoint
 from fbnet.cli import main
 from fbnet.train import epochs_since_best
 
-# lr 0: validation MAP never improves after the first epoch, so patience 1 stops after epoch 2
+# lr 0: validation MAP never improves after the first epoch, so patience 2 stops after epoch 3;
+# epoch 2's plateau decays the learning rate and epoch 3 trains after it (a run of the plateau path)
 CONFIG = """
 model:
   embed_dim: 32
   backbone: {name: resnet18, mode: roi, image_size: 64}
   detector: {name: none}
-train: {epochs: 6, patience: 1, lr: 0.0, batch_size: 16, seed: 3}
+train: {epochs: 6, patience: 2, plateau_decay: 0.5, lr: 0.0, batch_size: 16, seed: 3}
 """
 
 
@@ -30,14 +31,15 @@ def test_early_stopping_and_resume(tiny_synth, tmp_path):
     res = runner.invoke(main, ["train", "--data", str(tiny_synth), "--config", str(tmp_path / "cfg.yaml"),
                                "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
-    assert "epoch 2:" in res.output and "epoch 3:" not in res.output and "early stop" in res.output
+    assert "epoch 3:" in res.output and "epoch 4:" not in res.output and "early stop" in res.output
+    assert "learning rate x 0.5" in res.output
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert events.count("epoch") == 2 and "early_stop" in events and "fusion" in events
+    assert events.count("epoch") == 3 and "early_stop" in events and "fusion" in events
     # a resumed run with a larger budget counts the epochs it has: it stops at once
     res = runner.invoke(main, ["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", "9"])
     assert res.exit_code == 0, res.output
-    assert "early stop" in res.output and "epoch 3:" not in res.output
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert "early stop" in res.output and "epoch 4:" not in res.output
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 3
 
 
 def test_precision_auto_follows_the_hardware():
