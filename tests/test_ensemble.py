@@ -132,6 +132,14 @@ def test_ensemble_bundle_scores_are_the_weighted_sum_and_pass_parity(ensemble_bu
     got = retriever.score(retriever.encode_images(images), retriever.encode_texts(captions))
     one, two = (r.score(r.encode_images(images), r.encode_texts(captions)) for r in _member_retrievers(bundle))
     assert got.shape == (5, 7) and np.allclose(got, one + 0.5 * two, atol=1e-5)
+    # the members share the detector (the second seed trained on the first's): one detection a photo
+    assert retriever.members[0].boxes_key == retriever.members[1].boxes_key
+    calls = []
+    for m in retriever.members:
+        run = m.backend.run
+        m.backend.run = lambda graph, feeds, run=run: calls.append(graph) or run(graph, feeds)
+    retriever.encode_images(images)
+    assert calls.count("detector") == len(images) and calls.count("image_encoder") == 2
     assert not np.allclose(one, two, atol=1e-3)  # two different models, so the sum is a real ensemble
 
     out = cli_ok("parity", spec, bundle, "--split", "test", "--backend", "onnxruntime", "--json", tmp_path / "p.json")

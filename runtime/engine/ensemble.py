@@ -10,7 +10,8 @@ fused scores (the rule of :mod:`fbnet.ensemble`, ``S = sum_m w_m S_m``).
 
 :class:`EnsembleRetriever` has the :class:`~.retriever.Retriever` interface the gallery, search
 and serving layers use: a photo is decoded once and encoded by every member; its features are a
-:class:`~.features.MemberFeatures` (one set per member); :meth:`EnsembleRetriever.score` sums the
+:class:`~.features.MemberFeatures` (one set per member; members with the same detector detect
+once); :meth:`EnsembleRetriever.score` sums the
 members' fused scores. :func:`open_retriever` opens either kind of bundle.
 """
 
@@ -93,7 +94,13 @@ class EnsembleRetriever:
         return EnsembleRetriever(self.bundle, lanes) if all(lanes) else None
 
     def encode_canvases(self, canvases: np.ndarray) -> MemberFeatures:
-        return MemberFeatures([m.encode_canvases(canvases) for m in self.members])
+        """Every member's image features; members with the same detector graph and window layout
+        share one detection (the detector is most of an image query's cost)."""
+        feeds: dict[tuple, dict] = {}
+        for m in self.members:
+            if m.boxes_key not in feeds:
+                feeds[m.boxes_key] = m.image_encoder_feeds(canvases)
+        return MemberFeatures([m.encode_feeds(feeds[m.boxes_key]) for m in self.members])
 
     def encode_images(self, paths: list[str | Path]) -> MemberFeatures:
         parts = [self.encode_canvases(c) for c in canvas_batches(paths, self.bundle.canvas, self.batch_size)]

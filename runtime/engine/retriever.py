@@ -83,9 +83,19 @@ class Retriever:
                 "fg_mask": np.stack([p[1] for p in per]).astype(np.float32)}
 
     def encode_canvases(self, canvases: np.ndarray) -> ImageFeatures:
-        feeds = self.image_encoder_feeds(canvases)
+        return self.encode_feeds(self.image_encoder_feeds(canvases))
+
+    def encode_feeds(self, feeds: dict[str, np.ndarray]) -> ImageFeatures:
+        """``image_encoder`` on feeds from :meth:`image_encoder_feeds`."""
         outs = self.run("image_encoder", feeds)
         return ImageFeatures(dict(zip(self.keys, outs)), feeds["fg_mask"])
+
+    @property
+    def boxes_key(self) -> tuple:
+        """What decides :meth:`image_encoder_feeds`: the detector graph (its sha256) and the window
+        layout. Retrievers with equal keys lay the same boxes on a canvas."""
+        detector = self.bundle.graph("detector")
+        return (self.bundle.manifest.files.get(detector.file) if detector else None, self.levels, self.max_boxes)
 
     def encode_images(self, paths: list[str | Path]) -> ImageFeatures:
         batches = canvas_batches(paths, self.bundle.canvas, self.batch_size)
