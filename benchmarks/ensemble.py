@@ -33,7 +33,7 @@ from fbnet.export.ensemble import export_ensemble_bundle
 from fbnet.metrics import RECALL_KS, recall_at_k
 from fbnet.preprocess import load_image
 from fbnet.runtime.engine.backends import OnnxRuntimeBackend
-from fbnet.runtime.engine.ensemble import EnsembleRetriever, open_ensemble_bundle
+from fbnet.runtime.engine.ensemble import EnsembleRetriever, combine, open_ensemble_bundle
 from fbnet.runtime.engine.retriever import Retriever
 from fbnet.runtime.gallery import open_gallery
 from fbnet.runtime.gallery.build import build_gallery
@@ -90,10 +90,9 @@ def main() -> None:
 
     weights = bundle.weights
     parts = [r.score(m.image_features, m.text_features) for r, m in zip(members, g.members)]
-    fused = sum(w * s for w, s in zip(weights, parts))
+    fused = combine(parts, weights)
     lead = pooled_images(g.members[0].image_features) @ pooled_texts(g.members[0].text_features).T
-    concat = sum(w * pooled_images(m.image_features) @ pooled_texts(m.text_features).T
-                 for w, m in zip(weights, g.members))
+    concat = combine([pooled_images(m.image_features) @ pooled_texts(m.text_features).T for m in g.members], weights)
     lines = [HEADING, "",
              f"`python benchmarks/ensemble.py --ensemble {args.ensemble.relative_to(ROOT) if args.ensemble.is_relative_to(ROOT) else args.ensemble}`"
              f" ({machine()}): the ensemble bundle's dev gallery ({len(images):,} images, {len(captions):,} captions; "

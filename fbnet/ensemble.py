@@ -29,6 +29,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .errors import FbnetError
 from .jsonfile import read_mapping
 from .metrics import retrieval_report
+from .runtime.engine.ensemble import combine
 
 KIND = "fbnet-ensemble"
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -97,11 +98,6 @@ def member_checkpoints(ensemble: Ensemble) -> list[dict]:
         raise EnsembleError(f"{ensemble.path}: members resize photos to different canvases ({listed}); "
                             "an ensemble's members must share model.backbone.image_size")
     return loaded
-
-
-def combine(scores: list[np.ndarray], weights) -> np.ndarray:
-    """``sum_m w_m S_m``."""
-    return sum(w * s for w, s in zip(weights, scores))
 
 
 def choose_weights(scores: list[np.ndarray], caption_image: np.ndarray, image_labels=None, caption_labels=None,

@@ -126,10 +126,10 @@ def index_cmd(bundle, image_dir, captions, out, backend, float16, store, first_s
         return retriever.backend.name
 
     if is_ensemble_bundle(bundle):
-        used = set()
+        encoders: set[str] = set()
         build_ensemble_gallery(open_ensemble_bundle(bundle), out,
-                               lambda member, folder: used.add(index_model(member.root, folder)))
-        used = ", ".join(sorted(used)) or "members indexed before"
+                               lambda member, folder: encoders.add(index_model(member.root, folder)))
+        used = ", ".join(sorted(encoders)) or "members indexed before"
     else:
         used = index_model(bundle, out)
     click.echo(f"indexed {len(images)} images and {len(caps)} captions into {out} with {used} "

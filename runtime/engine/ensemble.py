@@ -11,8 +11,8 @@ fused scores (the rule of :mod:`fbnet.ensemble`, ``S = sum_m w_m S_m``).
 :class:`EnsembleRetriever` has the :class:`~.retriever.Retriever` interface the gallery, search
 and serving layers use: a photo is decoded once and encoded by every member; its features are a
 :class:`~.features.MemberFeatures` (one set per member; members with the same detector detect
-once); :meth:`EnsembleRetriever.score` sums the
-members' fused scores. :func:`open_retriever` opens either kind of bundle.
+once); :meth:`EnsembleRetriever.score` sums the members' fused scores (:func:`combine`).
+:func:`open_retriever` opens either kind of bundle.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ from .bundle import Bundle, open_bundle, sha256
 from .features import MemberFeatures, concat_images
 from .manifest import BundleError, EnsembleManifest
 from .retriever import Retriever, canvas_batches
+
+
+def combine(scores: list[np.ndarray], weights) -> np.ndarray:
+    """``sum_m w_m S_m``: an ensemble's score from its members' (training, evaluation and the
+    runtime all combine with this)."""
+    return sum(w * s for w, s in zip(weights, scores))
 
 
 def member_folder(i: int) -> str:
@@ -111,7 +117,7 @@ class EnsembleRetriever:
 
     def score(self, images: MemberFeatures, texts: MemberFeatures) -> np.ndarray:
         """``sum_m w_m S_m`` over the members' fused scores ``(I, C)``."""
-        return sum(w * m.score(i, t) for w, m, i, t in zip(self.weights, self.members, images.members, texts.members))
+        return combine([m.score(i, t) for m, i, t in zip(self.members, images.members, texts.members)], self.weights)
 
 
 def open_retriever(path: str | Path, backend: str = "auto") -> Retriever | EnsembleRetriever:

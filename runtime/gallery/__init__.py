@@ -20,9 +20,10 @@ def open_gallery(root: str | Path, bundle: Bundle | EnsembleBundle) -> Gallery |
     """A gallery directory (one, sharded, or an ensemble's), checked against the bundle that will
     search it: an ensemble's gallery needs its ensemble bundle, and the reverse."""
     ensemble_gallery = (Path(root) / EnsembleGalleryMeta.FILE).is_file()
-    if ensemble_gallery != isinstance(bundle, EnsembleBundle):
-        raise GalleryError(f"{root}: " + ("an ensemble's gallery: search it with its ensemble bundle, not "
-                                          if ensemble_gallery else "one model's gallery: an ensemble bundle ")
-                           + f"{bundle.root}" + ("" if ensemble_gallery else " cannot search it; index it with "
-                                                 "the ensemble bundle"))
+    ensemble_bundle = isinstance(bundle, EnsembleBundle)
+    if ensemble_gallery and not ensemble_bundle:
+        raise GalleryError(f"{root}: an ensemble's gallery: search it with its ensemble bundle, not {bundle.root}")
+    if ensemble_bundle and not ensemble_gallery:
+        raise GalleryError(f"{root}: one model's gallery: an ensemble bundle {bundle.root} cannot search it; "
+                           "index it with the ensemble bundle")
     return EnsembleGallery(root, bundle) if ensemble_gallery else open_model_gallery(root, bundle)
