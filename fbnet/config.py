@@ -109,6 +109,10 @@ class DetectorConfig(_Section):
     #: At most J boxes per image (paper: 9) with confidence at least this (paper: 0.1).
     max_boxes: int = Field(9, ge=1)
     score_threshold: float = Field(0.1, ge=0.0, le=1.0)
+    #: ``yolov3_tiny``: the network's input side in pixels, a multiple of 32 (0 = the Darknet cfg's
+    #: width, 416). The canvas is resized to it, so a side near the canvas (224) costs about
+    #: (224/416)^2 of the 416 pixels' convolutions; the boxes change, so train with the size you serve.
+    input_size: int = Field(0, ge=0, multiple_of=32)
     #: Fine-tuning budget on the dataset's boxes.
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -160,7 +164,8 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    #: ``dsaw`` (eqs. 16-21) or ``triplet`` (VSE++ hardest negative, the paper's ablation).
+    #: ``dsaw`` (eqs. 16-21), ``triplet`` (VSE++ hardest negative, the paper's ablation) or
+    #: ``triplet_sum`` (VSE0: the hinges of every negative summed).
     name: str = "dsaw"
     _known = field_validator("name")(_registered(LOSSES, "loss"))
     #: DSAW's scale of the negative pairs' term (eqs. 16-21; paper: 50).
@@ -173,6 +178,15 @@ class LossConfig(_Section):
     epsilon: float = Field(0.1, ge=0.0)
     #: Margin of the triplet alternative.
     margin: float = Field(0.2, ge=0.0)
+    #: ``triplet`` only: the first epochs train with ``triplet_sum`` (every negative), then the
+    #: hardest negative alone (VSE∞'s warm-up before max violation).
+    warmup_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_needs_triplet(self):
+        if self.warmup_epochs and self.name != "triplet":
+            raise ValueError(f"warmup_epochs is for loss 'triplet' (it warms up max violation), not {self.name!r}")
+        return self
 
 
 class TrainConfig(_Section):

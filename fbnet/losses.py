@@ -18,7 +18,10 @@ positives ``P`` and negatives ``N``:
 paper's signs are ambiguous; this is the reading that trains).
 
 Triplet (VSE++, the ablation): ``sum_a [m - S_aa + max_{n} S_an]_+`` over both directions, with
-the matching pair on the diagonal and the hardest negative.
+the matching pair on the diagonal and the hardest negative. Its warm-up (``loss.warmup_epochs``,
+as VSE∞'s ``vse_mean_warmup_epochs``): the first epochs sum the hinges over every negative,
+``sum_a sum_n [m - S_aa + S_an]_+`` (VSE0's loss, ``triplet_sum``), because the hardest negative
+of an untrained model is noise and max violation alone starts slowly (SCAN's 2-epoch figure).
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ def triplet_loss(sim: torch.Tensor, positive: torch.Tensor, cfg: LossConfig) -> 
     i2t = (cfg.margin - diag + neg.max(dim=1).values).clamp(min=0)
     t2i = (cfg.margin - diag + neg.max(dim=0).values).clamp(min=0)
     return i2t.sum() + t2i.sum()  # an anchor with no negative contributes [-inf]_+ = 0
+
+
+def triplet_sum_loss(sim: torch.Tensor, positive: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    hinge = cfg.margin + sim
+    i2t = (hinge - sim.diagonal()[:, None]).clamp(min=0).masked_fill(positive, 0.0)
+    t2i = (hinge - sim.diagonal()[None, :]).clamp(min=0).masked_fill(positive, 0.0)
+    return i2t.sum() + t2i.sum()
+
+
+def epoch_loss(cfg: LossConfig, epoch: int) -> LossConfig:
+    """The loss that epoch ``epoch`` (0-based) trains with: ``triplet_sum`` during a triplet run's
+    ``warmup_epochs``, else ``cfg`` itself."""
+    return cfg.model_copy(update={"name": "triplet_sum"}) if epoch < cfg.warmup_epochs else cfg
 
 
 def pair_loss(cfg: LossConfig):

@@ -35,7 +35,7 @@ from .curves import TensorBoard, plot_curves
 from .config import ConfigError, FBNetConfig
 from .data.embeddings import WordVectorError, load_word_vectors
 from .data.manifest import Dataset, DatasetError
-from .losses import pair_loss
+from .losses import epoch_loss, pair_loss
 from .metrics import retrieval_report
 from .models.detector import finetune
 from .models.fbnet import GLOBAL, Fusion
@@ -159,11 +159,12 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             encoder.top().requires_grad_(epoch >= tc.backbone_frozen_epochs)
             train_feats.rng = np.random.default_rng([tc.seed, epoch, 1] + ([group.rank] if group else []))
         step_loss = data_parallel(batch_loss, group)  # rebuilt each epoch: the trained set may change
+        epoch_cfg = cfg.model_copy(update={"loss": epoch_loss(cfg.loss, epoch)})  # a triplet warm-up
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not main_rank or None)
         t0, total = time.time(), 0.0
         for step in bar:
             idx = np.sort(order[step * tc.batch_size: (step + 1) * tc.batch_size])
-            loss = train_step(step_loss, opt, cfg, train_feats, train_caps, idx, group)
+            loss = train_step(step_loss, opt, epoch_cfg, train_feats, train_caps, idx, group)
             total += loss
             if board is not None:
                 board.step(epoch * steps + step, loss)

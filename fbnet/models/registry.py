@@ -68,7 +68,8 @@ DETECTORS = {
 }
 
 #: ``loss.name`` -> ``module:function`` (:mod:`fbnet.losses`).
-LOSSES = {"dsaw": "fbnet.losses:dsaw_loss", "triplet": "fbnet.losses:triplet_loss"}
+LOSSES = {"dsaw": "fbnet.losses:dsaw_loss", "triplet": "fbnet.losses:triplet_loss",
+          "triplet_sum": "fbnet.losses:triplet_sum_loss"}
 
 
 def resolve(registry: dict, name: str, what: str):
