@@ -6,7 +6,7 @@ import torch
 
 from conftest import SHARED
 from fbnet.config import DetectorConfig
-from fbnet.models.yolo import YoloV3Tiny, build_yolov3_tiny
+from fbnet.models.yolo import build_yolov3_tiny
 
 WEIGHTS = SHARED / "weights" / "yolov3-tiny-coco"
 IMAGES = SHARED / "data" / "flickr8k" / "images"
@@ -14,18 +14,15 @@ pytestmark = pytest.mark.skipif(not (WEIGHTS / "yolov3-tiny.weights").is_file() 
                                 reason="needs ../shared (YOLOv3-tiny weights and Flickr8k images)")
 
 
-@pytest.fixture(scope="module")
-def net():
-    model = YoloV3Tiny(WEIGHTS / "yolov3-tiny.cfg")
-    model.load_darknet_weights(WEIGHTS / "yolov3-tiny.weights")
-    return model.eval()
-
-
-def test_matches_opencv_darknet_reader(net):
+@pytest.mark.parametrize("size", [416, 224])  # the cfg's width, and model.detector.input_size: 224
+def test_matches_opencv_darknet_reader(size):
     cv2 = pytest.importorskip("cv2")
+    cfg = DetectorConfig(name="yolov3_tiny", weights=str(WEIGHTS), input_size=0 if size == 416 else size)
+    net = build_yolov3_tiny(cfg, 224).net
+    assert net.size == size
     cvnet = cv2.dnn.readNetFromDarknet(str(WEIGHTS / "yolov3-tiny.cfg"), str(WEIGHTS / "yolov3-tiny.weights"))
     for path in sorted(IMAGES.glob("*.jpg"))[:3]:
-        blob = cv2.dnn.blobFromImage(cv2.imread(str(path)), 1 / 255.0, (416, 416), swapRB=True, crop=False)
+        blob = cv2.dnn.blobFromImage(cv2.imread(str(path)), 1 / 255.0, (size, size), swapRB=True, crop=False)
         cvnet.setInput(blob)
         cv_outs = cvnet.forward(cvnet.getUnconnectedOutLayersNames())
         with torch.no_grad():
@@ -33,7 +30,7 @@ def test_matches_opencv_darknet_reader(net):
         for out, head, ref in zip(heads, net.heads, cv_outs):
             boxes, obj, cls = (t[0].transpose(0, 2).transpose(0, 1).numpy() for t in net.decode_head(out, head))
             # OpenCV lists predictions cell by cell, anchors within a cell: (H, W, A)
-            boxes, obj, cls = boxes.reshape(-1, 4) / 416, obj.reshape(-1), cls.reshape(-1, head["classes"])
+            boxes, obj, cls = boxes.reshape(-1, 4) / size, obj.reshape(-1), cls.reshape(-1, head["classes"])
             centre_size = np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2,
                                            boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]])
             assert np.allclose(centre_size, ref[:, :4], atol=1e-4)

@@ -6,9 +6,9 @@ revision as int32, then ``seen`` as int64 from version 0.2 on), then per convolu
 batch-norm (beta, gamma, running mean, running variance) or a bias, then the kernel.
 
 :class:`YoloDetector` implements the :class:`~fbnet.models.detector.Detector` interface: the
-``S x S`` canvas is resized to the network's input (416), YOLO heads are decoded
-(``x = (sigmoid(tx) + cx) / W``, ``w = exp(tw) anchor_w / 416``; score = objectness x class
-probability), class-aware NMS keeps the best boxes, and the top J with score >= threshold are
+``S x S`` canvas is resized to the network's input (416, or ``model.detector.input_size``), YOLO
+heads are decoded (``x = (sigmoid(tx) + cx) / W``, ``w = exp(tw) anchor_w / input``; score =
+objectness x class probability), class-aware NMS keeps the best boxes, and the top J with score >= threshold are
 returned in canvas pixels, zero-padded, like every other detector here.
 """
 
@@ -194,12 +194,15 @@ class YoloDetector(Detector):
 
 
 def build_yolov3_tiny(cfg: DetectorConfig, image_size: int) -> YoloDetector:
-    """``cfg.weights`` names the directory holding ``yolov3-tiny.cfg`` and ``yolov3-tiny.weights``."""
+    """``cfg.weights`` names the directory holding ``yolov3-tiny.cfg`` and ``yolov3-tiny.weights``;
+    ``cfg.input_size``, when set, replaces the cfg's input width (the network is fully convolutional
+    and its anchors are in input pixels, as Darknet runs it at other sizes)."""
     if not cfg.weights:
         raise WeightsError("detector yolov3_tiny: set model.detector.weights to the directory holding "
                            "yolov3-tiny.cfg and yolov3-tiny.weights")
     root = Path(cfg.weights)
     net = YoloV3Tiny(root / "yolov3-tiny.cfg")
     net.load_darknet_weights(root / "yolov3-tiny.weights")
+    net.size = cfg.input_size or net.size
     net.eval()
     return YoloDetector(net, cfg.max_boxes, cfg.score_threshold)

@@ -1,0 +1,176 @@
+"""The image query's detector: YOLOv3-tiny's input size (``model.detector.input_size``) and its
+INT8 copy, against today's 416 x 416, with what each costs in dev R@sum.
+
+    python benchmarks/detector.py --checkpoint runs/flickr8k/best.pt [--sizes 416,320,224]
+
+For every size, a copy of the checkpoint with only ``model.detector.input_size`` changed is
+exported (``<work>/<size>/bundle``; ``--int8`` adds its ``fbnet export --int8`` copy, the detector
+quantized), and measured:
+
+* accuracy: the 1,000 dev images indexed with that bundle (the 5,000 dev captions beside them) and
+  scored exhaustively by the runtime (``Retriever.score``, what two-stage re-ranks with), instance
+  R@sum; the checkpoint's weights were trained on the boxes of the 416 detector, so this is the
+  cost of serving other boxes *without retraining*;
+* box agreement on the first 200 dev photos: boxes found per photo, and the share of the 416
+  detector's boxes that a box of this size overlaps at IoU >= 0.5;
+* latency: decode, detector and image encoder of single dev photos, and the whole two-stage image
+  query (top 5 of a shortlist of 100) against 10,000 synthetic float32 items, p50.
+
+Accuracy results are kept in ``<work>/<variant>/accuracy.json`` (it does not depend on what else
+runs), so a second run measures only the latency, which must run alone. Writes "## Image query:
+detector input size" to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fbnet.atomic import atomic_write_text
+from fbnet.checkpoint import load_checkpoint, save_checkpoint
+from fbnet.data.manifest import load_dataset
+from fbnet.metrics import RECALL_KS, recall_at_k
+from fbnet.preprocess import load_image
+from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+from fbnet.runtime.engine.bundle import open_bundle
+from fbnet.runtime.engine.retriever import Retriever
+from fbnet.runtime.gallery import open_gallery
+from fbnet.runtime.gallery.build import build_gallery
+
+from common import ROOT, machine, write_section
+from int8 import latency
+
+HEADING = "## Image query: detector input size"
+AGREEMENT_PHOTOS = 200
+
+
+def variant_bundle(checkpoint: Path, size: int, int8: bool, work: Path) -> Path:
+    """The bundle of ``checkpoint`` with the detector run at ``size`` (and quantized if ``int8``)."""
+    folder = work / str(size)
+    bundle = folder / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        ckpt = load_checkpoint(checkpoint)
+        ckpt["config"]["model"]["detector"]["input_size"] = size
+        save_checkpoint(folder / "best.pt", ckpt)
+        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(folder / "best.pt"), "--out", str(bundle)],
+                       check=True)
+    if not int8:
+        return bundle
+    quantized = folder / "bundle-int8"
+    if not (quantized / "manifest.json").is_file():
+        shutil.rmtree(quantized, ignore_errors=True)
+        shutil.copytree(bundle, quantized)
+        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(quantized), "--int8"], check=True)
+    return quantized
+
+
+def dev_rsum(bundle_dir: Path, images: list[Path], captions: list[str], owner: np.ndarray) -> dict:
+    """Instance R@K of the runtime's exhaustive scores over the dev gallery this bundle indexes."""
+    bundle = open_bundle(bundle_dir)
+    retriever = Retriever(bundle, OnnxRuntimeBackend(bundle))
+    folder = bundle_dir.parent / f"{bundle_dir.name}-dev-gallery"
+    if not (folder / "gallery.json").is_file():
+        build_gallery(retriever, images, captions, folder)
+    g = open_gallery(folder, bundle)
+    scores = retriever.score(g.image_features, g.text_features)
+    relevant = owner[None, :] == np.arange(len(images))[:, None]
+    i2t, t2i = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
+    r = {**{f"i2t r@{k}": 100 * i2t[k] for k in RECALL_KS}, **{f"t2i r@{k}": 100 * t2i[k] for k in RECALL_KS}}
+    return {**r, "rsum": sum(r.values()), "boxes": float(g.image_features.fg_mask.sum(axis=1).mean())}
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a (n, 4)`` with every box of ``b (m, 4)``, x1 y1 x2 y2."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def found_boxes(bundle_dir: Path, canvases: list[np.ndarray]) -> list[np.ndarray]:
+    bundle = open_bundle(bundle_dir)
+    retriever = Retriever(bundle, OnnxRuntimeBackend(bundle))
+    out = []
+    for canvas in canvases:
+        boxes, scores = retriever.detect(canvas)
+        out.append(boxes[scores > 0])
+    return out
+
+
+def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
+    """The share of the reference boxes that some box of ``other`` overlaps at IoU >= 0.5."""
+    hits = [(iou(r, o).max(axis=1) >= 0.5).sum() if len(o) else 0 for r, o in zip(reference, other)]
+    return float(sum(hits) / max(1, sum(len(r) for r in reference)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "flickr8k" / "best.pt")
+    ap.add_argument("--sizes", default="416,320,224", help="detector input sizes (multiples of 32; 416 first)")
+    ap.add_argument("--int8", default="416,224", help="sizes that also get an INT8 detector ('' for none)")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-detector")
+    ap.add_argument("--items", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--skip-latency", action="store_true", help="accuracy only (it may run beside other jobs)")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args()
+    if not args.checkpoint.is_file():
+        sys.exit(f"{args.checkpoint}: no checkpoint; train one first (README, Flickr8k)")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    variants = [(s, False) for s in sizes] + [(int(s), True) for s in args.int8.split(",") if s]
+    dataset = load_dataset(load_checkpoint(args.checkpoint)["data_root"])
+    items = dataset.split("val")
+    images = [Path(it.image) for it in items]
+    captions = [c for it in items for c in it.captions]
+    owner = np.repeat(np.arange(len(items)), [len(it.captions) for it in items])
+    bundles = {v: variant_bundle(args.checkpoint, *v, args.work) for v in variants}
+
+    results = {}
+    canvases = [load_image(p, 224) for p in images[:AGREEMENT_PHOTOS]]
+    reference = None
+    for v, bundle_dir in bundles.items():
+        saved = bundle_dir.parent / f"{bundle_dir.name}-accuracy.json"
+        if not saved.is_file():
+            found = found_boxes(bundle_dir, canvases)
+            reference = reference if reference is not None else found  # the first variant: 416 float32
+            acc = {**dev_rsum(bundle_dir, images, captions, owner), "agreement": agreement(reference, found)}
+            atomic_write_text(saved, json.dumps(acc))
+        results[v] = json.loads(saved.read_text())
+        print(v, results[v], flush=True)
+    if args.skip_latency:
+        return
+    for v, bundle_dir in bundles.items():
+        results[v].update(latency(bundle_dir, images[:50], args.work / "galleries", args.items, args.repeats))
+        print(v, results[v], flush=True)
+
+    base = results[variants[0]]
+    lines = [HEADING, "",
+             f"`python benchmarks/detector.py --checkpoint {args.checkpoint} --sizes {args.sizes} --int8 {args.int8}` "
+             f"({machine()}). The recipe's checkpoint exported with YOLOv3-tiny at each input size "
+             "(`model.detector.input_size`; the Flickr8k canvas is 224 x 224) and, where marked, its detector "
+             "quantized (`fbnet export --int8`, minmax calibration). Dev R@sum: the 1,000 dev images indexed "
+             "with each bundle and all 5,000 captions, scored exhaustively by the runtime; the weights were "
+             f"trained on the 416 detector's boxes and are not retrained. Box agreement: the first {AGREEMENT_PHOTOS} "
+             "dev photos, the share of the 416 detector's boxes that a box of the variant overlaps at IoU >= 0.5. "
+             f"Latency: p50 of single dev photos; the query searches {args.items:,} synthetic float32 items "
+             "two-stage (K = 100), ONNX Runtime on the CPU, one warm process.", "",
+             "| detector | decode ms | detector ms | image encoder ms | two-stage image query ms | boxes / photo "
+             "| box agreement | dev R@sum | vs 416 float32 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (size, int8), r in results.items():
+        lines.append(f"| {size} x {size}{', INT8' if int8 else ''} | {r['decode']:.2f} | {r['detector']:.2f} | "
+                     f"{r['image encoder']:.2f} | {r['two-stage image query']:.1f} | {r['boxes']:.2f} | "
+                     f"{r['agreement']:.3f} | {r['rsum']:.1f} | {r['rsum'] - base['rsum']:+.1f} |")
+    section = "\n".join(lines + [""])
+    write_section(args.out, HEADING, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
