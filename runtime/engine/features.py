@@ -24,7 +24,7 @@ class ImageFeatures:
     def take(self, index) -> ImageFeatures:
         """Rows ``index``: gathered when read, so that re-ranking a shortlist copies each of its rows
         once, cut to the box slots it uses (:class:`ImageRows`)."""
-        return ImageRows(self, np.arange(len(self))[index])
+        return ImageRows(self, row_index(index, len(self)))
 
     def box_groups(self, captions: int = 1, call_cost: int = 0) -> list[tuple[np.ndarray, int]]:
         """``(rows, box count)`` by ascending box count (real boxes come first in ``fg_mask``): one
@@ -71,6 +71,17 @@ class ImageRows(ImageFeatures):
 
     def group_feeds(self, rows, n: int) -> dict[str, np.ndarray]:
         return self.source.group_feeds(self.index[rows], n)
+
+
+def row_index(index, n: int) -> np.ndarray:
+    """``index`` (a slice, an int, ints or a boolean mask over ``n`` rows) as row numbers, without
+    building ``arange(n)``: at a million items that is 8 MB per array per query."""
+    if isinstance(index, slice):
+        return np.arange(*index.indices(n))
+    rows = np.asarray(index)
+    if rows.dtype == bool:
+        return np.flatnonzero(rows)
+    return np.where(rows < 0, rows + n, rows).astype(np.int64, copy=False)
 
 
 def box_width(key: str, n: int) -> int | None:

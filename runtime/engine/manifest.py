@@ -77,11 +77,20 @@ class _Record:
     UNVERSIONED: int | None = None
 
     @classmethod
-    def from_dict(cls, data: dict, path: str | Path):
-        raise NotImplementedError
+    def from_dict(cls, data: dict, path: str | Path = ""):
+        """The record of a dataclass with an ``extra`` field (the keys this fbnet does not know);
+        nested records are converted in its ``__post_init__``."""
+        path = path or cls.FILE
+        known, extra = cls._checked(data, path)
+        try:
+            return cls(**known, extra=extra)
+        except TypeError as exc:  # e.g. an entry with other fields
+            raise cls.ERROR(f"{path}: malformed {cls.WHAT} ({exc})") from None
 
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        data = asdict(self)
+        extra = data.pop("extra")
+        return _without_none({"kind": self.KIND, **data}, extra)
 
     @classmethod
     def load(cls, path: str | Path):
@@ -354,19 +363,6 @@ class _GalleryRecord(_Record):
                                + ("records no encoders" if known.get("encoders") is None else "with an encoders record"))
         return known, extra
 
-    @classmethod
-    def from_dict(cls, data: dict, path: str | Path = "") -> _GalleryRecord:
-        known, extra = cls._checked(data, path or cls.FILE)
-        try:
-            return cls(**known, extra=extra)
-        except TypeError as exc:  # e.g. a shard entry with other fields
-            raise GalleryError(f"{path or cls.FILE}: malformed {cls.WHAT} ({exc})") from None
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        extra = data.pop("extra")
-        return _without_none({"kind": self.KIND, **data}, extra)
-
     def differs_from(self, bundle_identity: dict[str, str], manifest_sha256: str) -> list[str]:
         """The parts of the recorded encoders' identity that differ from a bundle's (empty: the
         bundle's encoders made this); a format-1 file names ``manifest.json`` unless it recorded
@@ -462,21 +458,15 @@ class EnsembleManifest(_Record):
     FILE, KIND, WHAT, ERROR, VERSIONS = "ensemble.json", ENSEMBLE_BUNDLE_KIND, "ensemble bundle", BundleError, \
         (ENSEMBLE_FORMAT,)
 
+    def __post_init__(self):
+        self.members = [m if isinstance(m, EnsembleMember) else EnsembleMember(**m) for m in self.members]
+
     @classmethod
     def from_dict(cls, data: dict, path: str | Path = FILE) -> EnsembleManifest:
-        known, extra = cls._checked(data, path)
-        try:
-            members = [EnsembleMember(**m) for m in known.pop("members")]
-        except TypeError as exc:
-            raise BundleError(f"{path}: malformed members ({exc})") from None
-        if not members or any(m.weight <= 0 for m in members):
+        record = super().from_dict(data, path)
+        if not record.members or any(m.weight <= 0 for m in record.members):
             raise BundleError(f"{path}: members must be a non-empty list with positive weights")
-        return cls(members=members, **known, extra=extra)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        extra = data.pop("extra")
-        return {"kind": self.KIND, **data, **extra}
+        return record
 
 
 @dataclass(kw_only=True)
@@ -490,11 +480,3 @@ class EnsembleGalleryMeta(_Record):
 
     FILE, KIND, WHAT, ERROR, VERSIONS = "ensemble-gallery.json", ENSEMBLE_GALLERY_KIND, "ensemble gallery", \
         GalleryError, (ENSEMBLE_FORMAT,)
-
-    @classmethod
-    def from_dict(cls, data: dict, path: str | Path = FILE) -> EnsembleGalleryMeta:
-        known, extra = cls._checked(data, path)
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.KIND, "members": list(self.members), "format_version": self.format_version, **self.extra}

@@ -37,6 +37,8 @@ import numpy as np
 
 from fbnet.errors import FbnetError
 
+from ..engine.features import row_index
+
 PLAIN = ("float32", "float16")
 CODED = {"sq8": "SQ8", "sq4": "SQ4", "residual4": "IVF256,SQ4", "pq": "PQ{m}"}
 STORES = (*PLAIN, *CODED)
@@ -115,7 +117,7 @@ class LazyRows:
 
     def __getitem__(self, index) -> np.ndarray:
         first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
-        rows = np.arange(self.shape[0])[first]
+        rows = row_index(first, self.shape[0])
         out = self._take(np.atleast_1d(rows))
         out = out[0] if np.ndim(rows) == 0 else out
         return out[(slice(None), *rest)] if rest and np.ndim(rows) else out[rest] if rest else out
@@ -155,7 +157,7 @@ class CodedBlocks(LazyRows):
                              f"match {paths['offsets.npy'].name} and the codec (truncated or mixed files)")
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
-        starts, lens = self.offsets[rows], np.diff(self.offsets)[rows]
+        starts, lens = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
         out = np.zeros((len(rows), *self.shape[1:]), np.float32)
         if lens.sum():
             take = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
