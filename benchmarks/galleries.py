@@ -15,9 +15,10 @@ from fbnet.runtime.gallery.gallery import Gallery
 
 
 def key_shapes(bundle) -> dict[str, tuple[int, int]]:
-    """(blocks K, windows M) per key, e.g. F3 -> (J * 9, 9); a word key has ``max_words`` units."""
+    """(blocks K, windows M) per key, e.g. F3 -> (J * 9, 9), G1 (the pooled global branch) -> (1, 1);
+    a word key has ``max_words`` units."""
     j, words = bundle.model.max_boxes, set(bundle.model.word_keys)
-    return {k: ((1 if k[0] == "B" else j) * int(k[1]) ** 2, bundle.model.max_words if k in words else int(k[1]) ** 2)
+    return {k: ((j if k[0] == "F" else 1) * int(k[1]) ** 2, bundle.model.max_words if k in words else int(k[1]) ** 2)
             for k in bundle.keys}
 
 
