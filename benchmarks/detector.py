@@ -16,8 +16,8 @@ quantized), and measured:
 * latency: decode, detector and image encoder of single dev photos, and the whole two-stage image
   query (top 5 of a shortlist of 100) against 10,000 synthetic float32 items, p50.
 
-Accuracy results are kept in ``<work>/<variant>/accuracy.json`` (it does not depend on what else
-runs), so a second run measures only the latency, which must run alone. Writes "## Image query:
+Dev R@sum is kept in ``<work>/<size>/<bundle>-accuracy.json`` (it does not depend on what else
+runs), so a second run re-measures only the box agreement and the latency, which must run alone. Writes "## Image query:
 detector input size" to BENCHMARKS.md.
 """
 
@@ -133,15 +133,13 @@ def main() -> None:
 
     results = {}
     canvases = [load_image(p, 224) for p in images[:AGREEMENT_PHOTOS]]
-    reference = None
+    reference = found_boxes(bundles[variants[0]], canvases)  # the first variant's boxes (416, float32)
     for v, bundle_dir in bundles.items():
         saved = bundle_dir.parent / f"{bundle_dir.name}-accuracy.json"
         if not saved.is_file():
-            found = found_boxes(bundle_dir, canvases)
-            reference = reference if reference is not None else found  # the first variant: 416 float32
-            acc = {**dev_rsum(bundle_dir, images, captions, owner), "agreement": agreement(reference, found)}
-            atomic_write_text(saved, json.dumps(acc))
-        results[v] = json.loads(saved.read_text())
+            atomic_write_text(saved, json.dumps(dev_rsum(bundle_dir, images, captions, owner)))
+        found = found_boxes(bundle_dir, canvases)
+        results[v] = {**json.loads(saved.read_text()), "agreement": agreement(reference, found)}
         print(v, results[v], flush=True)
     if args.skip_latency:
         return
