@@ -28,7 +28,7 @@ from ..engine.features import ImageFeatures, TextFeatures
 from ..engine.manifest import GalleryError, GalleryMeta
 from .first_stage import INDEX_FILE, FirstStage
 from .items import ItemList, ItemsError
-from .stores import CodedBlocks, StoreError
+from .stores import CodedBlocks, StoreError, map_rows
 
 #: Where a gallery keeps its item names (image paths, captions): line files, read on demand.
 ITEMS_DIR = "items"
@@ -100,7 +100,7 @@ def load_features(root: Path, side: str, keys: list[str], coded: dict | None = N
 def _array(path: Path) -> np.ndarray:
     """A gallery array, memory-mapped; a missing or truncated file is a :class:`GalleryError` naming it."""
     try:
-        return np.load(path, mmap_mode="r")
+        return map_rows(path)
     except (OSError, ValueError) as exc:
         reason = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
         raise GalleryError(f"{path}: {reason}; re-run `fbnet-serve-cli index`") from None
