@@ -90,8 +90,8 @@ def section(rows: list[dict], command: str, epochs: int | None) -> str:
              "| ---: |"]
     for r in rows:
         recalls = " | ".join(f"{v:.1f}" for d in ("i2t", "t2i") for v in r["r"][d])
-        lines.append(f"| {r['name']} | {SOURCES[r['name']]} | {recalls} | {r['rsum']:.1f} | {r['epochs']} ({r['kept']}) | {r['epoch_s']:.0f} | {r['minutes']:.0f} | "
-                     f"{r['p50']:.1f} | {r['p95']:.1f} | {r['image_kb']:.1f} | {r['caption_kb']:.1f} |")
+        lines.append(f"| {r['name']} | {SOURCES[r['name']]} | {recalls} | {r['rsum']:.1f} | {r['epochs']} ({r['kept']}) | "
+                     f"{r['epoch_s']:.0f} | {r['minutes']:.0f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['image_kb']:.1f} | {r['caption_kb']:.1f} |")
     lines += ["", "Where the reconstructions may differ from the published models: the sources for DSRLN, RGF "
               "and SFE are abstracts (no equations); each module's docstring (`fbnet/models/<name>.py`) marks "
               "what is reconstructed. All models here see at most 9 YOLOv3-tiny boxes and a 3 x 3 grid of "
