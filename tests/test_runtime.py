@@ -241,3 +241,23 @@ def test_tensorrt_profiles_cover_the_box_axis():
     assert profile_shapes(["images", "boxes"], 9) == ((1, 1), (8, 3), (64, 9))
     assert profile_shapes(["images", "box_blocks_3", 512], 9) == ((1, 9, 512), (8, 27, 512), (64, 81, 512))
     assert profile_shapes([1, 3, 416, 416], 9) is None
+
+
+def test_a_take_of_rows_is_read_once_and_equals_the_plain_gather(tmp_path):
+    from fbnet.runtime.engine.features import ImageFeatures, ImageRows
+    from fbnet.runtime.gallery.stores import map_rows
+
+    rng = np.random.default_rng(0)
+    blocks = {"B1": rng.random((50, 1, 4), dtype=np.float32), "F1": rng.random((50, 3, 4), dtype=np.float32)}
+    for k, v in blocks.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    mask = (np.arange(3)[None, :] < rng.integers(1, 4, 50)[:, None]).astype(np.float32)
+    feats = ImageFeatures({k: map_rows(tmp_path / f"{k}.npy") for k in blocks}, mask)
+    rows = feats.take(np.array([40, 3, 17, -1])).take(slice(1, 4))  # composed: items 3, 17, 49
+    assert isinstance(rows, ImageRows) and list(rows.index) == [3, 17, 49]
+    for k, v in blocks.items():
+        assert np.array_equal(rows.blocks[k], v[[3, 17, 49]])
+    got = rows.group_feeds(np.array([0, 2]), 2)  # items 3 and 49, cut to 2 box slots
+    assert np.array_equal(got["blocks_F1"], blocks["F1"][[3, 49], :2])
+    assert np.array_equal(got["fg_mask"], mask[[3, 49], :2])
+    assert np.array_equal(feats.take(mask[:, 2] > 0).fg_mask, mask[mask[:, 2] > 0])
