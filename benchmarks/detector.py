@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 from fbnet.atomic import atomic_write_text
 from fbnet.checkpoint import load_checkpoint, save_checkpoint
 from fbnet.data.manifest import load_dataset
-from fbnet.metrics import RECALL_KS, recall_at_k
+from fbnet.metrics import recall_at_k
 from fbnet.preprocess import load_image
 from fbnet.runtime.engine.backends import OnnxRuntimeBackend
 from fbnet.runtime.engine.bundle import open_bundle
@@ -44,7 +43,8 @@ from fbnet.runtime.gallery import open_gallery
 from fbnet.runtime.gallery.build import build_gallery
 
 from common import ROOT, machine, write_section
-from int8 import latency
+from int8 import int8_copy, latency
+from retrieval import recall_percent
 
 HEADING = "## Image query: detector input size"
 AGREEMENT_PHOTOS = 200
@@ -62,12 +62,7 @@ def variant_bundle(checkpoint: Path, size: int, int8: bool, work: Path) -> Path:
                        check=True)
     if not int8:
         return bundle
-    quantized = folder / "bundle-int8"
-    if not (quantized / "manifest.json").is_file():
-        shutil.rmtree(quantized, ignore_errors=True)
-        shutil.copytree(bundle, quantized)
-        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(quantized), "--int8"], check=True)
-    return quantized
+    return int8_copy(bundle, folder / "bundle-int8")
 
 
 def dev_rsum(bundle_dir: Path, images: list[Path], captions: list[str], owner: np.ndarray) -> dict:
@@ -80,9 +75,8 @@ def dev_rsum(bundle_dir: Path, images: list[Path], captions: list[str], owner: n
     g = open_gallery(folder, bundle)
     scores = retriever.score(g.image_features, g.text_features)
     relevant = owner[None, :] == np.arange(len(images))[:, None]
-    i2t, t2i = recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T)
-    r = {**{f"i2t r@{k}": 100 * i2t[k] for k in RECALL_KS}, **{f"t2i r@{k}": 100 * t2i[k] for k in RECALL_KS}}
-    return {**r, "rsum": sum(r.values()), "boxes": float(g.image_features.fg_mask.sum(axis=1).mean())}
+    r = recall_percent(recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T))
+    return {**r, "boxes": float(g.image_features.fg_mask.sum(axis=1).mean())}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 from fbnet.data.manifest import load_dataset
 from fbnet.ensemble import load_ensemble, member_checkpoints
 from fbnet.export.ensemble import export_ensemble_bundle
-from fbnet.metrics import RECALL_KS, recall_at_k
+from fbnet.metrics import recall_at_k
 from fbnet.preprocess import load_image
 from fbnet.runtime.engine.backends import OnnxRuntimeBackend
 from fbnet.runtime.engine.ensemble import EnsembleRetriever, combine, open_ensemble_bundle
@@ -42,16 +42,16 @@ from fbnet.runtime.gallery.first_stage import pooled_images, pooled_texts
 from fbnet.runtime.search.searcher import Searcher
 
 from common import ROOT, machine, timeit, write_section
-from retrieval import recall_cells, runtime_recall, two_stage_recall
+from retrieval import recall_cells, recall_percent, runtime_recall, two_stage_recall
 
 HEADING = "## Served ensemble (Flickr8k dev)"
 
 
 def recall_row(label: str, k, r_i: dict, r_t: dict, recovered: str = "") -> str:
     """A table row from R@K of both directions (fractions, as ``recall_at_k`` gives them)."""
-    r = {**{f"i2t r@{x}": 100 * r_i[x] for x in RECALL_KS}, **{f"t2i r@{x}": 100 * r_t[x] for x in RECALL_KS}}
+    r = recall_percent(r_i, r_t)
     i2t, t2i = recall_cells(r)
-    return f"| {label} | {k} | {i2t} | {t2i} | {sum(r.values()):.1f} | {recovered} |"
+    return f"| {label} | {k} | {i2t} | {t2i} | {r['rsum']:.1f} | {recovered} |"
 
 
 def exhaustive_row(label: str, scores: np.ndarray, relevant: np.ndarray) -> str:

@@ -53,6 +53,17 @@ def latency(bundle_dir: Path, paths: list[Path], work: Path, items: int, repeats
     }
 
 
+def int8_copy(float_dir: Path, int8_dir: Path, graphs: str = "detector") -> Path:
+    """``int8_dir``: a copy of the bundle ``float_dir`` quantized by ``fbnet export --int8`` (kept
+    when a finished one is there)."""
+    if not (int8_dir / "manifest.json").is_file():
+        shutil.rmtree(int8_dir, ignore_errors=True)
+        shutil.copytree(float_dir, int8_dir)
+        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(int8_dir), "--int8", "--int8-graphs", graphs],
+                       check=True)
+    return int8_dir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "synth-seed0", help="a run with best.pt and bundle/")
@@ -68,10 +79,7 @@ def main() -> None:
         sys.exit(f"{ckpt_path}: no checkpoint; run `fbnet train` first (README, Quick start)")
     if not (float_dir / "manifest.json").is_file():
         subprocess.run(["fbnet", "export", str(ckpt_path), "--out", str(float_dir)], check=True)
-    if not (int8_dir / "manifest.json").is_file():
-        shutil.rmtree(int8_dir, ignore_errors=True)
-        shutil.copytree(float_dir, int8_dir)
-        subprocess.run(["fbnet", "export", str(int8_dir), "--int8", "--int8-graphs", args.int8_graphs], check=True)
+    int8_copy(float_dir, int8_dir, args.int8_graphs)
     dataset = load_dataset(load_checkpoint(ckpt_path)["data_root"])
     split = dataset.report_split
     paths = [Path(i.image) for i in dataset.split(split)][:50]

@@ -391,6 +391,12 @@ def runtime_recall(retriever, gallery: Gallery, owner: np.ndarray, shortlist: in
     return out
 
 
+def recall_percent(r_i: dict, r_t: dict) -> dict:
+    """R@K of both directions (fractions, as ``recall_at_k`` gives them) in percent, and R@sum."""
+    r = {**{f"i2t r@{x}": 100 * r_i[x] for x in RECALL_KS}, **{f"t2i r@{x}": 100 * r_t[x] for x in RECALL_KS}}
+    return {**r, "rsum": sum(r.values())}
+
+
 def recall_cells(r: dict) -> tuple[str, str]:
     """``R@1 / R@5 / R@10`` of both directions, as the tables print them."""
     return tuple(" / ".join(f"{r[f'{d} r@{x}']:.1f}" for x in RECALL_KS) for d in ("i2t", "t2i"))

@@ -8,8 +8,8 @@ batch-norm (beta, gamma, running mean, running variance) or a bias, then the ker
 :class:`YoloDetector` implements the :class:`~fbnet.models.detector.Detector` interface: the
 ``S x S`` canvas is resized to the network's input (416, or ``model.detector.input_size``), YOLO
 heads are decoded (``x = (sigmoid(tx) + cx) / W``, ``w = exp(tw) anchor_w / input``; score =
-objectness x class probability), class-aware NMS keeps the best boxes, and the top J with score >= threshold are
-returned in canvas pixels, zero-padded, like every other detector here.
+objectness x class probability), class-aware NMS keeps the best boxes, and the top J with score >=
+threshold are returned in canvas pixels, zero-padded, like every other detector here.
 """
 
 from __future__ import annotations

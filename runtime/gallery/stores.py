@@ -171,7 +171,8 @@ class CodedBlocks(LazyRows):
                              f"match {paths['offsets.npy'].name} and the codec (truncated or mixed files)")
 
     def _take(self, rows: np.ndarray) -> np.ndarray:
-        starts, lens = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+        starts = self.offsets[rows]
+        lens = self.offsets[rows + 1] - starts
         out = np.zeros((len(rows), *self.shape[1:]), np.float32)
         if lens.sum():
             take = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
