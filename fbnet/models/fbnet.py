@@ -55,6 +55,19 @@ class Fusion:
         return (self.alpha if branch == "foreground" else 1.0) * self.level_weight(level)
 
 
+def project_boxes(embed, foreground: torch.Tensor, fg_mask: torch.Tensor, static_shapes: bool) -> torch.Tensor:
+    """``embed`` of the box blocks ``(N, J, B, C) -> (N, J, B, d)``, padded box slots zero. Only real
+    boxes are embedded (exact: padded slots are masked wherever they are read); ``static_shapes``
+    (exported graphs) embeds every slot and zeroes the padded ones, so no shape depends on the data."""
+    if static_shapes:
+        return embed(foreground) * fg_mask.to(torch.float32)[:, :, None, None]
+    real = fg_mask.bool()
+    real_emb = embed(foreground[real])
+    emb = real_emb.new_zeros(*foreground.shape[:3], real_emb.shape[-1])
+    emb[real] = real_emb
+    return emb
+
+
 def fuse(sims: dict[tuple[str, int], torch.Tensor], fusion: Fusion) -> torch.Tensor:
     """Eq. (7): the weighted sum of the per-branch, per-level similarity matrices."""
     return sum(fusion.weight(b, u) * s for (b, u), s in sims.items())
@@ -106,13 +119,8 @@ class FBNet(nn.Module):
             embed = lambda x: F.normalize(proj(F.normalize(x.float(), dim=-1)), dim=-1)  # noqa: E731
             if branch == "background":
                 emb = embed(background)
-            elif not static_shapes:
-                real = fg_mask.bool()
-                real_emb = embed(foreground[real])
-                emb = real_emb.new_zeros(*foreground.shape[:3], real_emb.shape[-1])
-                emb[real] = real_emb
             else:
-                emb = embed(foreground) * fg_mask.to(torch.float32)[:, :, None, None]
+                emb = project_boxes(embed, foreground, fg_mask, static_shapes)
             for u in range(1, self.levels + 1):
                 sl = slices[u - 1]
                 if branch == "background":
@@ -129,13 +137,16 @@ class FBNet(nn.Module):
 
     def _pooled_image(self, background, foreground, fg_mask, static_shapes):
         """``S^G``'s image side: every block of both branches (real boxes' only), projected and
-        pooled into one unit vector ``(N, 1, d)`` with mask ``(N, 1)``."""
+        pooled into one unit vector ``(N, 1, d)`` with mask ``(N, 1)``. As for F-Net, only real
+        boxes' blocks are projected (in training, half the units on Flickr8k)."""
         n, j, nb = foreground.shape[:3]
-        units = torch.cat([background.float(), foreground.reshape(n, j * nb, -1).float()], dim=1)
+        proj = self.proj["G"]
+        embed = lambda x: proj(F.normalize(x.float(), dim=-1))  # noqa: E731
+        boxes = project_boxes(embed, foreground, fg_mask, static_shapes)
+        units = torch.cat([embed(background), boxes.reshape(n, j * nb, -1)], dim=1)
         mask = torch.cat([torch.ones(n, nb, device=units.device),
                           fg_mask.to(torch.float32).repeat_interleave(nb, dim=1)], dim=1)
-        proj = self.proj["G"]
-        pooled = self.image_pool(proj(F.normalize(units, dim=-1)), mask, static_shapes)
+        pooled = self.image_pool(units, mask, static_shapes)
         return F.normalize(pooled, dim=-1).unsqueeze(1), torch.ones(n, 1, device=units.device)
 
     def encode_texts(self, ids: torch.Tensor, lengths: torch.Tensor, static_shapes: bool = False):
