@@ -222,7 +222,7 @@ def main() -> None:
 
 def shown(path: Path) -> Path:
     """``path`` relative to the repository when it lies inside it (given relative or absolute)."""
-    path = path.resolve()
+    path = path.absolute()  # not resolved: a data folder linked into the checkout keeps its name
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 

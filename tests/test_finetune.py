@@ -107,6 +107,27 @@ def test_gpo_exported_form_equals_packed():
     assert torch.allclose(gpo.weights(mask), gpo.weights(mask, static_shapes=True), atol=1e-6)
 
 
+def test_global_branch_projects_real_boxes_only_and_equals_every_slot_masked():
+    """The global branch's image side skips padded box slots in training; it equals projecting
+    every slot and letting GPO's mask drop the padded ones (the exported form, and the earlier code)."""
+    import torch.nn.functional as F
+
+    from fbnet.config import ModelConfig
+    from fbnet.models.fbnet import FBNet
+
+    torch.manual_seed(0)
+    model = FBNet(ModelConfig(embed_dim=16, global_pool="gpo"), 50, 8)
+    n, j, nb = 5, 9, 14
+    background, foreground = torch.randn(n, nb, 8), torch.randn(n, j, nb, 8)
+    fg_mask = (torch.arange(j)[None] < torch.tensor([0, 1, 3, 9, 5])[:, None]).float()
+    units = torch.cat([background, foreground.reshape(n, j * nb, 8)], dim=1)
+    mask = torch.cat([torch.ones(n, nb), fg_mask.repeat_interleave(nb, dim=1)], dim=1)
+    every_slot = F.normalize(model.image_pool(model.proj["G"](F.normalize(units, dim=-1)), mask), dim=-1)
+    for static in (False, True):
+        pooled, _ = model._pooled_image(background, foreground, fg_mask, static)
+        assert torch.allclose(pooled[:, 0], every_slot, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [{"model": {"backbone": {"trainable_blocks": -1}}},
                                  {"model": {"backbone": {"name": "detector", "trainable_blocks": 2}}},
                                  {"data": {"views": ["hflip"]}},
