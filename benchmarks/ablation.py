@@ -21,7 +21,7 @@ from fbnet.config import FBNetConfig
 from fbnet.data.manifest import load_dataset
 from fbnet.train import train
 
-from common import ROOT, machine, write_section
+from common import ROOT, machine, shown, write_section
 
 VARIANTS = [  # (run directory, label, changes to the recipe)
     ("b-only", "B-Net only (DSAW)", {"model.branches": ["background"]}),
@@ -81,8 +81,8 @@ def main() -> None:
         f"batch {cfg.train.batch_size}, lr {cfg.train.lr}), {args.epochs} epoch(s) per variant from the same seed "
         f"and cached features. Validation: every validation image with {per} caption(s) each, equal fusion "
         "weights (the recipe's per-epoch check, not the final fused report).",
-        f"Regenerate: `python benchmarks/ablation.py --config {args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config} "
-        f"--data {args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data} --epochs {args.epochs}`.",
+        f"Regenerate: `python benchmarks/ablation.py --config {shown(args.config)} "
+        f"--data {shown(args.data)} --epochs {args.epochs}`.",
         "",
         "| variant | val R@sum | val MAP | training s (incl. validation) |",
         "| --- | ---: | ---: | ---: |",

@@ -42,6 +42,13 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def shown(path: Path) -> Path:
+    """``path`` relative to the repository when it lies inside it (given relative or absolute; not
+    resolved, so a data folder linked into the checkout keeps its name)."""
+    path = path.absolute()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def write_section(path: Path, heading: str, section: str) -> None:
     """Replace the section starting at ``heading`` in BENCHMARKS.md (or append it)."""
     text = path.read_text() if path.is_file() else "# Benchmarks\n\nEvery table here is written by a script in `benchmarks/`.\n\n"

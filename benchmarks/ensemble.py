@@ -41,7 +41,7 @@ from fbnet.runtime.gallery.ensemble import build_ensemble_gallery
 from fbnet.runtime.gallery.first_stage import pooled_images, pooled_texts
 from fbnet.runtime.search.searcher import Searcher
 
-from common import ROOT, machine, timeit, write_section
+from common import ROOT, machine, shown, timeit, write_section
 from retrieval import recall_cells, recall_percent, runtime_recall, two_stage_recall
 
 HEADING = "## Served ensemble (Flickr8k dev)"
@@ -94,7 +94,7 @@ def main() -> None:
     lead = pooled_images(g.members[0].image_features) @ pooled_texts(g.members[0].text_features).T
     concat = combine([pooled_images(m.image_features) @ pooled_texts(m.text_features).T for m in g.members], weights)
     lines = [HEADING, "",
-             f"`python benchmarks/ensemble.py --ensemble {args.ensemble.relative_to(ROOT) if args.ensemble.is_relative_to(ROOT) else args.ensemble}`"
+             f"`python benchmarks/ensemble.py --ensemble {shown(args.ensemble)}`"
              f" ({machine()}): the ensemble bundle's dev gallery ({len(images):,} images, {len(captions):,} captions; "
              "one gallery per member), scored by the runtime (ONNX Runtime). Members: "
              + "; ".join(f"{i}: `{m.checkpoint}` weight {m.weight:g}" for i, m in enumerate(ensemble.members)) + ".",

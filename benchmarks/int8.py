@@ -27,7 +27,7 @@ from fbnet.runtime.engine.bundle import open_bundle
 from fbnet.runtime.engine.retriever import Retriever
 from fbnet.runtime.serving.service import ImageQuery, SearchService
 
-from common import ROOT, machine, timeit, write_section
+from common import ROOT, machine, shown, timeit, write_section
 from galleries import synthetic_gallery
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     print(f"measured in {time.time() - t0:.0f} s")
     manifest = open_bundle(int8_dir).manifest.quantization
     lines = ["## INT8 graphs", "",
-             f"`python benchmarks/int8.py --run {args.run.relative_to(ROOT) if args.run.is_relative_to(ROOT) else args.run}"
+             f"`python benchmarks/int8.py --run {shown(args.run)}"
              f" --int8-graphs {args.int8_graphs}` ({time.strftime('%Y-%m-%d')}; {machine()}). The run's "
              f"bundle and its `fbnet export --int8` copy: {', '.join(manifest['graphs'])} quantized (QDQ, "
              f"{manifest['weights']} weights, {manifest['activations']} activations, "

@@ -54,11 +54,12 @@ from fbnet.runtime.engine.bundle import open_bundle
 from fbnet.runtime.engine.manifest import GalleryMeta
 from fbnet.runtime.engine.retriever import Retriever, pair_chunks
 from fbnet.runtime.gallery.build import build_gallery, code_features
+from fbnet.runtime.gallery.first_stage import first_stage_key
 from fbnet.runtime.gallery.gallery import Gallery
 from fbnet.runtime.gallery.stores import STORES
 from fbnet.runtime.search.searcher import Searcher
 
-from common import ROOT, machine, timeit, wait_http, write_section
+from common import ROOT, machine, shown, timeit, wait_http, write_section
 from galleries import key_shapes, synthetic, synthetic_gallery
 
 
@@ -345,36 +346,47 @@ def two_stage_recall(first: np.ndarray, exact: np.ndarray, relevant: np.ndarray,
 
 
 def quality_section(scores_path: Path) -> str:
+    """Two-stage search on the dev scores, with each first stage the scores file holds: ``S^B_1``
+    and, for a model with the pooled global branch, ``S^G`` (what new galleries rank first)."""
     z = np.load(scores_path)
-    fused, first, owner = z["fused"], z["B1"], z["caption_image"]
+    fused, owner = z["fused"], z["caption_image"]
     relevant = owner[None, :] == np.arange(fused.shape[0])[:, None]
+    firsts = [k for k in ("G1", "B1") if k in z.files]
+    served = first_stage_key(firsts)
+    names = {"G1": "`S^G` (G1, the pooled global branch)", "B1": "`S^B_1` (B1)"}
     lines = [
         "## Two-stage quality (Flickr8k dev)",
         "",
-        f"From `{scores_path.relative_to(ROOT) if scores_path.is_relative_to(ROOT) else scores_path}` "
-        f"({fused.shape[0]:,} dev images x {fused.shape[1]:,} captions): the exhaustive fused scores and the "
-        "first stage's `S^B_1` (= 2 cos of the pooled vectors; a test checks the identity). Two-stage "
-        "re-ranks each query's top K first-stage items by the fused score, exactly as the runtime does.",
+        f"`python benchmarks/retrieval.py --sections quality --checkpoint {shown(scores_path.parent / 'best.pt')}` "
+        f"(from its `scores-val.npz`: {fused.shape[0]:,} dev images x {fused.shape[1]:,} captions): the exhaustive "
+        f"fused scores against two-stage search with each first stage, {' and '.join(names[k] for k in firsts)} "
+        "(cosines of the pooled unit vectors, up to a constant factor; a test checks the identity for `S^B_1`). "
+        "Two-stage re-ranks each query's top K first-stage items by the fused score, exactly as the runtime does. "
+        f"New galleries rank {served} first (`first_stage_key`).",
         "",
-        "| search | K | image->text R@1 / R@5 / R@10 | text->image R@1 / R@5 / R@10 | R@sum | top-10 recovered i2t / t2i |",
-        "| --- | ---: | --- | --- | ---: | --- |",
+        "| search | first stage | K | image->text R@1 / R@5 / R@10 | text->image R@1 / R@5 / R@10 | R@sum | "
+        "top-10 recovered i2t / t2i |",
+        "| --- | --- | ---: | --- | --- | ---: | --- |",
     ]
-    rows = [("exhaustive (fused)", "all", fused), ("first stage only", "-", first)]
-    for label, k, s in rows:
-        r_i, r_t = recall_at_k(s, relevant), recall_at_k(s.T, relevant.T)
+
+    def row(label, key, k, r_i, r_t, recovered=""):
         rsum = 100 * sum(r_i.values()) + 100 * sum(r_t.values())
-        lines.append(f"| {label} | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
-                     f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | |")
+        lines.append(f"| {label} | {key} | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
+                     f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | {recovered} |")
+
+    row("exhaustive (fused)", "", "all", recall_at_k(fused, relevant), recall_at_k(fused.T, relevant.T))
     recovered = {}
-    for k in (10, 50, 100, 200):
-        r_i, rec_i = two_stage_recall(first, fused, relevant, k)
-        r_t, rec_t = two_stage_recall(first.T, fused.T, relevant.T, k)
-        recovered[k] = min(rec_i, rec_t)
-        rsum = 100 * sum(r_i.values()) + 100 * sum(r_t.values())
-        lines.append(f"| two-stage | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
-                     f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | {rec_i:.3f} / {rec_t:.3f} |")
+    for key in firsts:
+        first = z[key]
+        row("first stage only", key, "-", recall_at_k(first, relevant), recall_at_k(first.T, relevant.T))
+        for k in (10, 20, 50, 100, 200):
+            r_i, rec_i = two_stage_recall(first, fused, relevant, k)
+            r_t, rec_t = two_stage_recall(first.T, fused.T, relevant.T, k)
+            recovered[key, k] = min(rec_i, rec_t)
+            row("two-stage", key, k, r_i, r_t, f"{rec_i:.4f} / {rec_t:.4f}")
     lines += ["", f"Target: two-stage at K = 100 recovers at least 0.99 of exhaustive search's top 10. "
-              f"{'Met' if recovered[100] >= 0.99 else '**Not met**'}: {recovered[100]:.3f} (the lower direction)."]
+              f"{'Met' if recovered[served, 100] >= 0.99 else '**Not met**'} with {served}: "
+              f"{recovered[served, 100]:.4f} (the lower direction)."]
     return "\n".join(lines + [""])
 
 

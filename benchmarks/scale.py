@@ -32,7 +32,7 @@ from fbnet.runtime.gallery.build import gallery_meta
 from fbnet.runtime.gallery.first_stage import INDEX_FILE, FirstStage, choose_spec
 from fbnet.runtime.gallery.stores import write_coded
 
-from common import ROOT, machine, write_section
+from common import ROOT, machine, shown, write_section
 from galleries import box_mask, key_shapes
 from serving import Server, rss_mb
 
@@ -208,7 +208,7 @@ def main() -> None:
     p50, p95 = statistics.median(times), sorted(times)[int(0.95 * len(times))]
     per_image = disk / args.n
     lines = ["## A million images", "",
-             f"`python benchmarks/scale.py --bundle {args.bundle.relative_to(ROOT) if args.bundle.is_relative_to(ROOT) else args.bundle} "
+             f"`python benchmarks/scale.py --bundle {shown(args.bundle)} "
              f"--store {args.store}` on {machine()}. Synthetic features of the bundle's shapes (see the script's docstring).",
              "", f"First stage over {args.n:,} level-1 vectors (d = {d}), 200 queries, top 100:", "",
              "| index | nprobe | recall@100 vs flat | p50 ms (1 query) | build s |", "| --- | ---: | ---: | ---: | ---: |",

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, machine, source_at, write_section
+from common import ROOT, machine, shown, source_at, write_section
 
 #: TrainConfig keys this code added after the baseline (dropped from the config both versions run).
 NEW_TRAIN_KEYS = ("patience", "plateau_decay", "precision", "device")
@@ -218,12 +218,6 @@ def main() -> None:
     lines += ["", f"Speed-up, best of this code against the baseline: **{before['epoch_s'] / after['epoch_s']:.2f}x** "
               f"(target {target}).", ""]
     write_section(args.out, heading, "\n".join(lines))
-
-
-def shown(path: Path) -> Path:
-    """``path`` relative to the repository when it lies inside it (given relative or absolute)."""
-    path = path.absolute()  # not resolved: a data folder linked into the checkout keeps its name
-    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 if __name__ == "__main__":

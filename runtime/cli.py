@@ -161,8 +161,7 @@ def query_cmd(images, texts, bundle, gallery, top_k, shortlist, exhaustive, npro
         raise GalleryError(f"{gallery}: has no captions to rank for an image query")
     if texts and g.image_features is None:
         raise GalleryError(f"{gallery}: has no images to rank for a text query")
-    searcher = Searcher(retriever, g.image_features, g.text_features, 0 if exhaustive else shortlist,
-                        image_stage=g.first_stage("images"), text_stage=g.first_stage("texts"))
+    searcher = Searcher.for_gallery(retriever, g, 0 if exhaustive else shortlist)
     results = []
     if images:
         hits = searcher.texts_for(image_queries, top_k, nprobe=nprobe)

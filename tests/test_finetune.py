@@ -200,3 +200,37 @@ def test_finetuned_top_trains_exports_and_keeps_parity(tiny_synth, tmp_path):
     res = runner.invoke(main, ["parity", str(tmp_path / "run" / "best.pt"), str(tmp_path / "bundle"),
                                "--split", "test", "--backend", "onnxruntime"])
     assert res.exit_code == 0 and "PASS" in res.output, res.output
+    _first_stage_ranks_the_global_branch(tiny_synth, tmp_path / "bundle", tmp_path / "gallery")
+
+
+def _first_stage_ranks_the_global_branch(data, bundle_dir, out):
+    """A gallery of a model with the pooled global branch ranks G1 in its first stage, says so in
+    gallery.json, and two-stage search over every item equals exhaustive search; a gallery.json
+    written before the key was recorded still ranks B1 (its saved indexes were built on B1)."""
+    import json
+
+    from fbnet.data.manifest import load_dataset
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+    from fbnet.runtime.gallery.build import build_gallery
+    from fbnet.runtime.gallery.first_stage import pooled_images
+    from fbnet.runtime.gallery.gallery import Gallery
+    from fbnet.runtime.search.searcher import Searcher
+
+    b = open_bundle(bundle_dir)
+    r = Retriever(b, OnnxRuntimeBackend(b))
+    items = load_dataset(data).split("test")
+    build_gallery(r, [it.image for it in items], [it.captions[0] for it in items], out)
+    g = Gallery(out, b)
+    assert g.meta.first_stage_key == "G1" == g.first_stage_key
+    assert np.allclose(pooled_images(g.image_features, g.first_stage_key), np.asarray(g.image_features.blocks["G1"])[:, 0])
+    queries = r.encode_texts([it.captions[0] for it in items[:3]])
+    staged = Searcher.for_gallery(r, g, len(items)).images_for(queries, 3)
+    for a, e in zip(staged, Searcher.for_gallery(r, g, 0).images_for(queries, 3)):
+        np.testing.assert_array_equal(a.index, e.index)
+    meta = json.loads((out / "gallery.json").read_text())
+    del meta["first_stage_key"]
+    (out / "gallery.json").write_text(json.dumps(meta))
+    legacy = Gallery(out, b)
+    assert legacy.first_stage_key == "B1" and Searcher.for_gallery(r, legacy, 5).stage_key == "B1"

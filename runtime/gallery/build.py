@@ -23,7 +23,7 @@ from ..engine.bundle import Bundle
 from ..engine.features import ImageFeatures, concat_images, real_units
 from ..engine.manifest import GalleryMeta
 from ..engine.retriever import QueryError, Retriever
-from .first_stage import INDEX_FILE, FirstStage, choose_spec, level1_key, pooled_images, pooled_texts
+from .first_stage import INDEX_FILE, FirstStage, choose_spec, first_stage_key, pooled_images, pooled_texts
 from .gallery import ITEMS_DIR, GalleryError, load_features
 from .items import write_items
 from .stores import CODED, write_coded
@@ -108,21 +108,21 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
     with np.load(text_target) as texts:
         for k in texts.files:
             np.save(final / "texts" / f"{k}.npy", texts[k])
-    stages = {}
+    stages, stage_key = {}, first_stage_key(retriever.keys)
     for side, pool in (("images", pooled_images), ("texts", pooled_texts)):
         g = load_features(final, side, retriever.keys)
         if g is None:
             continue
-        vectors = pool(g)
+        vectors = pool(g, stage_key)
         spec = choose_spec(len(vectors), vectors.shape[1], memory_budget, first_stage)
         if spec != "Flat":
             FirstStage(vectors, spec=spec).save(final / side / INDEX_FILE)
         stages[side] = spec
-    coded = code_features(final, retriever.keys, store, retriever.word_keys) if store in CODED else {}
+    coded = code_features(final, retriever.keys, store, retriever.word_keys, stage_key) if store in CODED else {}
     for side in ("images", "captions"):  # item names as line files, read on demand (see fbnet.runtime.gallery.items)
         write_items(final / ITEMS_DIR, side, getattr(meta, side))
     replace(meta, images=None, captions=None, n_images=len(images), n_captions=len(captions), items=ITEMS_DIR,
-            first_stage=stages, coded=coded).save(final / GalleryMeta.FILE)
+            first_stage=stages, first_stage_key=stage_key, coded=coded).save(final / GalleryMeta.FILE)
     if out.exists():
         shutil.rmtree(out)
     os.replace(final, out)
@@ -130,9 +130,9 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
     return out
 
 
-def code_features(root: Path, keys: list[str], store: str, word_keys=()) -> dict:
-    """Replace every key's array in the gallery directory ``root`` but the first stage's by FAISS
-    codes of its real rows; return gallery.json's ``coded`` record."""
+def code_features(root: Path, keys: list[str], store: str, word_keys=(), stage_key: str = "B1") -> dict:
+    """Replace every key's array in the gallery directory ``root`` but the first stage's
+    (``stage_key``) by FAISS codes of its real rows; return gallery.json's ``coded`` record."""
     coded = {}
     for side in ("images", "texts"):
         feats = load_features(root, side, keys)
@@ -142,7 +142,7 @@ def code_features(root: Path, keys: list[str], store: str, word_keys=()) -> dict
         arrays = feats.blocks if side == "images" else feats.windows
         for key in keys:
             arr, path = arrays[key], root / side / f"{key}.npy"
-            if key == level1_key(keys):  # the first stage's vectors stay plain (float16)
+            if key == stage_key:  # the first stage's vectors stay plain (float16)
                 np.save(root / side / "f16.npy", np.asarray(arr, dtype=np.float16))
                 del arr, arrays[key]
                 os.replace(root / side / "f16.npy", path)

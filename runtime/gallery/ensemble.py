@@ -52,6 +52,11 @@ class EnsembleGallery:
         """The first member's saved first stage for ``side`` (None: searched exactly)."""
         return self.members[0].first_stage(side)
 
+    @property
+    def first_stage_key(self) -> str:
+        """The first member's first-stage key."""
+        return self.members[0].first_stage_key
+
 
 def build_ensemble_gallery(bundle: EnsembleBundle, out: str | Path, build_member) -> Path:
     """Index an ensemble gallery into ``out``: ``build_member(member_bundle, folder)`` runs the index

@@ -26,7 +26,7 @@ import numpy as np
 from ..engine.bundle import Bundle
 from ..engine.features import ImageFeatures, TextFeatures
 from ..engine.manifest import GalleryError, GalleryMeta
-from .first_stage import INDEX_FILE, FirstStage
+from .first_stage import INDEX_FILE, FirstStage, legacy_first_stage_key
 from .items import ItemList, ItemsError
 from .stores import CodedBlocks, StoreError, map_rows
 
@@ -66,6 +66,11 @@ class Gallery:
                 if len(array) != n:
                     raise GalleryError(f"{root / side / key}: holds {len(array):,} rows, {meta_path} lists {n:,} "
                                        "items (mixed or damaged files); re-run `fbnet-serve-cli index`")
+
+    @property
+    def first_stage_key(self) -> str:
+        """The key whose vectors the first stage ranks (queries are pooled from the same key)."""
+        return self.meta.first_stage_key or legacy_first_stage_key(list(self.meta.keys))
 
     def first_stage(self, side: str) -> FirstStage | None:
         """The first-stage index saved for ``side`` (``images`` or ``texts``), or None when the

@@ -119,6 +119,10 @@ class ShardedGallery:
                                    f"{len(shard.captions)} captions, {path} lists {entry.images} and "
                                    f"{entry.captions} (a shard from another index job?)")
             self.shards.append(shard)
+        if len({s.first_stage_key for s in self.shards}) > 1:
+            raise GalleryError(f"{path}: its shards' first stages rank different keys "
+                               f"({', '.join(sorted({s.first_stage_key for s in self.shards}))}; shards from "
+                               "index jobs of different fbnet versions?); re-run `fbnet-serve-cli index`")
         self.images = ConcatList([s.images for s in self.shards])
         self.captions = ConcatList([s.captions for s in self.shards])
         self.image_features = self._concat("image_features")
@@ -132,6 +136,11 @@ class ShardedGallery:
             return ImageFeatures({k: ConcatRows([p.blocks[k] for p in parts]) for k in parts[0].blocks},
                                  ConcatRows([p.fg_mask for p in parts]))
         return TextFeatures({k: ConcatRows([p.windows[k] for p in parts]) for k in parts[0].windows})
+
+    @property
+    def first_stage_key(self) -> str:
+        """The shards' first-stage key (one index job: every shard's is the same)."""
+        return self.shards[0].first_stage_key
 
     def first_stage(self, side: str) -> MergedStage | None:
         """The shards' saved first stages merged (None when they search exactly: the searcher then

@@ -62,27 +62,39 @@ class Searcher:
     def __init__(self, retriever: Retriever, images: ImageFeatures | None, texts: TextFeatures | None,
                  shortlist: int = DEFAULT_SHORTLIST, use_faiss: bool | None = None,
                  lanes: Sequence[Retriever] = (), image_stage: FirstStage | None = None,
-                 text_stage: FirstStage | None = None):
+                 text_stage: FirstStage | None = None, stage_key: str | None = None):
         """``image_stage`` / ``text_stage``: first-stage indexes saved with the gallery (IVF); when
-        absent, an exact one is built from the gallery on its first two-stage query."""
+        absent, an exact one is built from the gallery on its first two-stage query. ``stage_key``:
+        the key the first stage ranks (the gallery's ``first_stage_key``; default: a new gallery's,
+        :func:`~fbnet.runtime.gallery.first_stage.first_stage_key`)."""
         self.retriever, self.images, self.texts, self.shortlist = retriever, images, texts, shortlist
+        self.stage_key = stage_key
         self.use_faiss, self.lanes = use_faiss, list(lanes)
         self._stages = {"images": image_stage, "texts": text_stage}
         self._lane_pool = ThreadPoolExecutor(len(self.lanes), "fbnet-rerank") if len(self.lanes) > 1 else None
+
+    @classmethod
+    def for_gallery(cls, retriever: Retriever, gallery, shortlist: int = DEFAULT_SHORTLIST,
+                    lanes: Sequence[Retriever] = ()) -> "Searcher":
+        """A searcher over an opened gallery (one, sharded or an ensemble's), with the first-stage
+        indexes saved with it and the key they rank."""
+        return cls(retriever, gallery.image_features, gallery.text_features, shortlist, lanes=lanes,
+                   image_stage=gallery.first_stage("images"), text_stage=gallery.first_stage("texts"),
+                   stage_key=gallery.first_stage_key)
 
     @cached_property
     def image_stage(self) -> FirstStage | None:
         has = self.images is not None and len(self.images)
         if self._stages["images"] is not None:
             return self._stages["images"]
-        return FirstStage(pooled_images(self.images), self.use_faiss) if has else None
+        return FirstStage(pooled_images(self.images, self.stage_key), self.use_faiss) if has else None
 
     @cached_property
     def text_stage(self) -> FirstStage | None:
         has = self.texts is not None and len(self.texts)
         if self._stages["texts"] is not None:
             return self._stages["texts"]
-        return FirstStage(pooled_texts(self.texts), self.use_faiss) if has else None
+        return FirstStage(pooled_texts(self.texts, self.stage_key), self.use_faiss) if has else None
 
     def images_for(self, queries: TextFeatures, top_k: PerQuery, shortlist: PerQuery | None = None,
                    nprobe: PerQuery | None = None) -> list[Hits]:
@@ -117,7 +129,7 @@ class Searcher:
             jobs = []
             for probe in dict.fromkeys(probes[q] for q in staged):
                 group = [q for q in staged if probes[q] == probe]
-                _, cand = stage().top(pool(queries.take(group)), max(ks[q] for q in group), probe)
+                _, cand = stage().top(pool(queries.take(group), self.stage_key), max(ks[q] for q in group), probe)
                 jobs += [(q, np.sort(idx[: ks[q]][idx[: ks[q]] >= 0])) for q, idx in zip(group, cand)]
 
             def rerank(retriever: Retriever, lane_jobs: list) -> None:

@@ -49,8 +49,7 @@ class SearchService:
         self.retriever, self.gallery = retriever, gallery
         lanes = [retriever.lane() for _ in range(rerank_lanes)] if rerank_lanes > 1 else []
         lanes = lanes if all(lanes) else []
-        self.searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist, lanes=lanes,
-                                 image_stage=gallery.first_stage("images"), text_stage=gallery.first_stage("texts"))
+        self.searcher = Searcher.for_gallery(retriever, gallery, shortlist, lanes)
 
     @property
     def backend(self) -> str:
