@@ -43,9 +43,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def first_stage_key(keys: list[str]) -> str:
     """The key whose vectors a new gallery's first stage ranks: the pooled global branch ``G1``
     when the model has one, else B-Net's level 1, else F-Net's. On Flickr8k dev (the recipe's
-    scores), ``G1`` alone reaches R@sum 265.0 against ``B1``'s 260.6, and its top 100 hold 99.98% /
+    scores), ``G1`` alone reaches R@sum 265.0 against ``B1``'s 260.5, and its top 100 hold 99.98% /
     100.00% of the fused score's top 10 (i2t / t2i) against 99.85% / 99.99% (BENCHMARKS.md,
-    "First stage: the global branch")."""
+    "Two-stage quality (Flickr8k dev)")."""
     return "G1" if "G1" in keys else legacy_first_stage_key(keys)
 
 
