@@ -117,7 +117,7 @@ def main() -> None:
     photo = load_image(images[0], bundle.canvas)
     timing = []
     for label, r, gal in (("first member alone", members[0], g.members[0]), ("ensemble", retriever, g)):
-        searcher = Searcher(r, gal.image_features, gal.text_features, k)
+        searcher = Searcher.for_gallery(r, gal, k)
         text = timeit(lambda: searcher.images_for(r.encode_texts(["a dog runs through the grass"]), 10), args.repeats, 3)
         image = timeit(lambda: searcher.texts_for(r.encode_canvases(photo[None]), 10), args.repeats, 3)
         timing.append((label, text["median"], image["median"]))

@@ -392,7 +392,7 @@ def quality_section(scores_path: Path) -> str:
 
 def runtime_recall(retriever, gallery: Gallery, owner: np.ndarray, shortlist: int) -> dict:
     """R@1/5/10 of the runtime's two-stage search with every dev image and caption as a query."""
-    searcher = Searcher(retriever, gallery.image_features, gallery.text_features, shortlist)
+    searcher = Searcher.for_gallery(retriever, gallery, shortlist)  # as the server searches it
     i2t = searcher.texts_for(gallery.image_features.take(slice(None)), 10)
     t2i = searcher.images_for(gallery.text_features.take(slice(None)), 10)
     out = {}
