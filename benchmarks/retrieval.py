@@ -54,7 +54,7 @@ from fbnet.runtime.engine.bundle import open_bundle
 from fbnet.runtime.engine.manifest import GalleryMeta
 from fbnet.runtime.engine.retriever import Retriever, pair_chunks
 from fbnet.runtime.gallery.build import build_gallery, code_features
-from fbnet.runtime.gallery.first_stage import first_stage_key
+from fbnet.runtime.gallery.first_stage import first_stage_key, recorded_first_stage_key
 from fbnet.runtime.gallery.gallery import Gallery
 from fbnet.runtime.gallery.stores import STORES
 from fbnet.runtime.search.searcher import Searcher
@@ -451,7 +451,7 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
                         np.save(f, np.load(f).astype(np.float16))
                 meta.dtype = "float16"
             else:
-                meta.coded = code_features(root, bundle.keys, store)
+                meta.coded = code_features(root, bundle.keys, store, stage_key=recorded_first_stage_key(meta))
             meta.store = store
             meta.save(root / GalleryMeta.FILE)
             root = root.rename(final)

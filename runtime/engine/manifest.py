@@ -404,7 +404,7 @@ class GalleryMeta(_GalleryRecord):
     captions: list[str] | None = None
     first_stage: dict[str, str] = field(default_factory=dict)
     #: the key whose vectors the first stage ranks; "" in galleries indexed before it was recorded
-    #: (they ranked B1, else F1: :func:`fbnet.runtime.gallery.first_stage.legacy_first_stage_key`)
+    #: (they ranked B1, else F1: :func:`fbnet.runtime.gallery.first_stage.recorded_first_stage_key`)
     first_stage_key: str = ""
     coded: dict = field(default_factory=dict)
 

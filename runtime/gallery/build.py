@@ -130,9 +130,11 @@ def build_gallery(retriever: Retriever, images: list[Path], captions: list[str],
     return out
 
 
-def code_features(root: Path, keys: list[str], store: str, word_keys=(), stage_key: str = "B1") -> dict:
+def code_features(root: Path, keys: list[str], store: str, word_keys=(), stage_key: str | None = None) -> dict:
     """Replace every key's array in the gallery directory ``root`` but the first stage's
-    (``stage_key``) by FAISS codes of its real rows; return gallery.json's ``coded`` record."""
+    (``stage_key``, default :func:`first_stage_key`) by FAISS codes of its real rows; return
+    gallery.json's ``coded`` record."""
+    stage_key = stage_key or first_stage_key(keys)
     coded = {}
     for side in ("images", "texts"):
         feats = load_features(root, side, keys)

@@ -54,6 +54,12 @@ def legacy_first_stage_key(keys: list[str]) -> str:
     return "B1" if "B1" in keys else "F1"
 
 
+def recorded_first_stage_key(meta) -> str:
+    """The key a gallery's first stage was built on: the one its gallery.json (a ``GalleryMeta``)
+    records, else the rule of the fbnet that wrote it (:func:`legacy_first_stage_key`)."""
+    return meta.first_stage_key or legacy_first_stage_key(list(meta.keys))
+
+
 def pooled_images(feats: ImageFeatures | MemberFeatures, key: str | None = None) -> np.ndarray:
     """First-stage image embeddings ``(N, d)`` from ``key`` (default :func:`first_stage_key`): its
     one block (``G1``, ``B1``), or F-Net's level-1 blocks averaged over real boxes (an ensemble's:

@@ -26,7 +26,7 @@ import numpy as np
 from ..engine.bundle import Bundle
 from ..engine.features import ImageFeatures, TextFeatures
 from ..engine.manifest import GalleryError, GalleryMeta
-from .first_stage import INDEX_FILE, FirstStage, legacy_first_stage_key
+from .first_stage import INDEX_FILE, FirstStage, recorded_first_stage_key
 from .items import ItemList, ItemsError
 from .stores import CodedBlocks, StoreError, map_rows
 
@@ -70,7 +70,7 @@ class Gallery:
     @property
     def first_stage_key(self) -> str:
         """The key whose vectors the first stage ranks (queries are pooled from the same key)."""
-        return self.meta.first_stage_key or legacy_first_stage_key(list(self.meta.keys))
+        return recorded_first_stage_key(self.meta)
 
     def first_stage(self, side: str) -> FirstStage | None:
         """The first-stage index saved for ``side`` (``images`` or ``texts``), or None when the
