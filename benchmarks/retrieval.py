@@ -370,9 +370,9 @@ def quality_section(scores_path: Path) -> str:
     ]
 
     def row(label, key, k, r_i, r_t, recovered=""):
-        rsum = 100 * sum(r_i.values()) + 100 * sum(r_t.values())
-        lines.append(f"| {label} | {key} | {k} | {' / '.join(f'{100 * r_i[x]:.1f}' for x in RECALL_KS)} | "
-                     f"{' / '.join(f'{100 * r_t[x]:.1f}' for x in RECALL_KS)} | {rsum:.1f} | {recovered} |")
+        r = recall_percent(r_i, r_t)
+        i2t, t2i = recall_cells(r)
+        lines.append(f"| {label} | {key} | {k} | {i2t} | {t2i} | {r['rsum']:.1f} | {recovered} |")
 
     row("exhaustive (fused)", "", "all", recall_at_k(fused, relevant), recall_at_k(fused.T, relevant.T))
     recovered = {}

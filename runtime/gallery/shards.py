@@ -119,10 +119,10 @@ class ShardedGallery:
                                    f"{len(shard.captions)} captions, {path} lists {entry.images} and "
                                    f"{entry.captions} (a shard from another index job?)")
             self.shards.append(shard)
-        if len({s.first_stage_key for s in self.shards}) > 1:
-            raise GalleryError(f"{path}: its shards' first stages rank different keys "
-                               f"({', '.join(sorted({s.first_stage_key for s in self.shards}))}; shards from "
-                               "index jobs of different fbnet versions?); re-run `fbnet-serve-cli index`")
+        stage_keys = sorted({s.first_stage_key for s in self.shards})
+        if len(stage_keys) > 1:
+            raise GalleryError(f"{path}: its shards' first stages rank different keys ({', '.join(stage_keys)}; "
+                               "shards from index jobs of different fbnet versions?); re-run `fbnet-serve-cli index`")
         self.images = ConcatList([s.images for s in self.shards])
         self.captions = ConcatList([s.captions for s in self.shards])
         self.image_features = self._concat("image_features")
