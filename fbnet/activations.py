@@ -83,7 +83,7 @@ class ActivationFeatures:
         device = self.encoder.mean.device
         lower = torch.from_numpy(np.array(self.lower[idx, views])).to(device).float()
         boxes = torch.from_numpy(np.array(self.blocks[idx, views, : (1 + j) * nb])).to(device)
-        background, foreground = split_branches(self.encoder.pool_blocks_linear(lower, boxes), self.levels)
+        background, foreground = split_branches(self.encoder.pool_blocks(lower, boxes), self.levels)
         regions = boxes.reshape(len(idx), 1 + j, nb, 4)[:, 1:, 0] / self.canvas
         return background, foreground, torch.from_numpy(mask[:, :j]).to(device), regions
 

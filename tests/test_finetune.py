@@ -9,7 +9,7 @@ from fbnet.activations import ActivationFeatures, extract_activations, view_boxe
 from fbnet.config import BackboneConfig, FBNetConfig
 from fbnet.data.manifest import Item
 from fbnet.features import compute_features
-from fbnet.models.backbone import BlockEncoder
+from fbnet.models.backbone import BlockEncoder, roi_align_weights
 from fbnet.models.pooling import GPO, MaxPool, MeanPool, sorted_units
 
 
@@ -45,6 +45,26 @@ def test_encoder_split_is_the_full_backbone():
     boxes = torch.tensor([[[0, 0, 96, 96], [10, 20, 60, 90]]] * 2, dtype=torch.float32)
     assert torch.allclose(enc(images, boxes), enc.pool_blocks(enc.lower(images), boxes), atol=1e-6)
     assert all(not p.requires_grad for p in enc.parameters())  # frozen until training asks
+
+
+@pytest.mark.parametrize("pool,ratio", [(2, 2), (1, 2), (6, 2), (2, 3)])
+def test_roi_align_weights_are_torchvisions_roi_align(pool, ratio):
+    """Block pooling as a product with RoIAlign's separable weights gives torchvision's RoIAlign
+    (aligned), for boxes inside, across and beyond the map's edges and degenerate ones."""
+    from torchvision.ops import roi_align
+
+    torch.manual_seed(0)
+    fmap = torch.randn(2, 5, 7, 9)
+    corners = torch.rand(2, 30, 2, 2) * 360 - 40  # canvas 288 x 224 at stride 32, and beyond it
+    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1)
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 288.0, 224.0])  # the whole canvas
+    boxes[0, 1] = torch.tensor([100.0, 50.0, 100.0, 50.0])  # a point
+    rois = torch.cat([torch.arange(2.0).repeat_interleave(30)[:, None], boxes.reshape(-1, 4)], dim=1)
+    ref = roi_align(fmap, rois, output_size=(pool, pool), spatial_scale=1 / 32, sampling_ratio=ratio,
+                    aligned=True)  # (60, C, pool, pool)
+    weights = roi_align_weights(boxes, 7, 9, 1 / 32, pool, ratio)  # (N, K, pool**2, 63)
+    got = torch.einsum("nkbs,ncs->nkcb", weights, fmap.reshape(2, 5, 63)).reshape(60, 5, pool, pool)
+    assert torch.allclose(got, ref, atol=1e-5)
 
 
 def test_cached_activations_equal_the_full_backbone(tmp_path):
