@@ -14,7 +14,10 @@ it (one gallery per member), then:
   concatenated pooled vectors scaled by sqrt(w_m) (inner product ``sum_m w_m cos_m``), each
   re-ranked by the ensemble's exhaustive scores at K;
 * a text and an image query's p50 on this 1,000-image / 5,000-caption gallery, the ensemble
-  against its first member, and the gallery's float32 bytes per image.
+  against its first member, and the gallery's float32 bytes per image;
+* the same at ``--items`` (10,000) images and captions, in every store of ``--stores`` (float32 and
+  sq4): synthetic features of each member's shapes (``galleries.synthetic_gallery``, coded as
+  ``index --store`` codes them), the queries encoded from a real photo and caption.
 
 The table goes to BENCHMARKS.md, "Served ensemble (Flickr8k dev)".
 """
@@ -42,6 +45,7 @@ from fbnet.runtime.gallery.first_stage import pooled_images, pooled_texts
 from fbnet.runtime.search.searcher import Searcher
 
 from common import ROOT, machine, shown, timeit, write_section
+from galleries import store_copy, synthetic_gallery
 from retrieval import recall_cells, recall_percent, runtime_recall, two_stage_recall
 
 HEADING = "## Served ensemble (Flickr8k dev)"
@@ -58,6 +62,38 @@ def exhaustive_row(label: str, scores: np.ndarray, relevant: np.ndarray) -> str:
     return recall_row(label, "all", recall_at_k(scores, relevant), recall_at_k(scores.T, relevant.T))
 
 
+def cost_table(lead, retriever, gallery, gallery_dir: Path, names: list[str], photo, k: int, repeats: int,
+               store: str) -> list[str]:
+    """Text and image query p50 (two-stage, encoding included) and bytes per image, the first member
+    alone against the ensemble."""
+    rows = [f"| search with | text query p50 ms | image query p50 ms | {store} gallery KB per image |",
+            "| --- | ---: | ---: | ---: |"]
+    member_bytes = [sum(f.stat().st_size for f in (gallery_dir / name / "images").iterdir()) for name in names]
+    n = len(gallery.images)
+    for label, r, gal, size in (("first member alone", lead, gallery.members[0], member_bytes[0]),
+                                ("ensemble", retriever, gallery, sum(member_bytes))):
+        searcher = Searcher.for_gallery(r, gal, k)
+        text = timeit(lambda: searcher.images_for(r.encode_texts(["a dog runs through the grass"]), 10), repeats, 3)
+        image = timeit(lambda: searcher.texts_for(r.encode_canvases(photo[None]), 10), repeats, 3)
+        rows.append(f"| {label} | {text['median']:.1f} | {image['median']:.1f} | {size / n / 1024:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def synthetic_ensemble(bundle, n: int, work: Path, store: str):
+    """An ensemble gallery of ``n`` synthetic images and captions in ``store``: each member's float32
+    gallery (``galleries.synthetic_gallery``), linked, or coded into ``store``."""
+    def member(member_bundle, folder: Path) -> None:
+        plain = synthetic_gallery(member_bundle, n, work / folder.name).root
+        if store == "float32":
+            folder.symlink_to(plain.resolve(), target_is_directory=True)
+        else:
+            store_copy(plain, folder, member_bundle.keys, store)
+
+    root = build_ensemble_gallery(bundle, work / f"ensemble-{n}-{store}", member)
+    return open_gallery(root, bundle), root
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ensemble", type=Path, default=ROOT / "runs" / "ensemble.yaml")
@@ -65,6 +101,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-ensemble", help="the dev gallery goes here")
     ap.add_argument("--shortlist", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--items", type=int, default=10_000, help="images and captions of the synthetic cost galleries")
+    ap.add_argument("--stores", default="float32,sq4", help="stores of the synthetic cost galleries")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
     if not args.ensemble.is_file():
@@ -115,19 +153,13 @@ def main() -> None:
                  f"{served['rsum']:.1f} | |")
 
     photo = load_image(images[0], bundle.canvas)
-    timing = []
-    for label, r, gal in (("first member alone", members[0], g.members[0]), ("ensemble", retriever, g)):
-        searcher = Searcher.for_gallery(r, gal, k)
-        text = timeit(lambda: searcher.images_for(r.encode_texts(["a dog runs through the grass"]), 10), args.repeats, 3)
-        image = timeit(lambda: searcher.texts_for(r.encode_canvases(photo[None]), 10), args.repeats, 3)
-        timing.append((label, text["median"], image["median"]))
-    member_bytes = [sum(p.stat().st_size for p in (gallery_dir / name / "images").glob("*.npy"))
-                    for name in g.meta.members]
-    lines += ["", f"Query cost on this gallery (two-stage, K = {k}, p50 of {args.repeats}, encoding included):", "",
-              "| search with | text query p50 ms | image query p50 ms | float32 gallery KB per image |",
-              "| --- | ---: | ---: | ---: |"]
-    for (label, t, im), size in zip(timing, (member_bytes[0], sum(member_bytes))):
-        lines.append(f"| {label} | {t:.1f} | {im:.1f} | {size / len(images) / 1024:.1f} |")
+    lines += ["", f"Query cost on this gallery (two-stage, K = {k}, p50 of {args.repeats}, encoding included):", ""]
+    lines += cost_table(members[0], retriever, g, gallery_dir, g.meta.members, photo, k, args.repeats, "float32")
+    for store in args.stores.split(","):
+        big, big_dir = synthetic_ensemble(bundle, args.items, args.work / "synthetic", store)
+        lines += ["", f"At {args.items:,} images and captions, `{store}` store (synthetic features of the members' "
+                  f"shapes; two-stage, K = {k}, p50 of {args.repeats}, encoding included):", ""]
+        lines += cost_table(members[0], retriever, big, big_dir, big.meta.members, photo, k, args.repeats, store)
     section = "\n".join(lines + [""])
     write_section(args.out, HEADING, section)
     print(section)

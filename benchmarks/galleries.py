@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from fbnet.runtime.engine.features import ImageFeatures, TextFeatures
-from fbnet.runtime.gallery.build import gallery_meta
+from fbnet.runtime.engine.manifest import GalleryMeta
+from fbnet.runtime.gallery.build import code_features, gallery_meta
+from fbnet.runtime.gallery.first_stage import recorded_first_stage_key
 from fbnet.runtime.gallery.gallery import Gallery
 
 
@@ -105,4 +107,24 @@ def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dty
     (out / "gallery.json").write_text(json.dumps(meta))
     return Gallery(out, bundle)
 
+
+def store_copy(source: Path, root: Path, keys: list[str], store: str) -> Path:
+    """``root``: the float32 gallery ``source`` in ``store`` (float16, or coded as ``index --store``
+    codes it), made aside and renamed when complete; kept when a finished one is there."""
+    if (root / GalleryMeta.FILE).is_file():
+        return root
+    work = root.with_name(root.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(source, work)
+    meta = GalleryMeta.load(work / GalleryMeta.FILE)
+    if store == "float16":
+        for f in list((work / "images").glob("*.npy")) + list((work / "texts").glob("*.npy")):
+            if f.name != "fg_mask.npy":
+                np.save(f, np.load(f).astype(np.float16))
+        meta.dtype = "float16"
+    else:
+        meta.coded = code_features(work, keys, store, stage_key=recorded_first_stage_key(meta))
+    meta.store = store
+    meta.save(work / GalleryMeta.FILE)
+    return work.rename(root)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -51,16 +50,15 @@ from fbnet.metrics import RECALL_KS, recall_at_k
 from fbnet.models.attention import EPS, l2norm
 from fbnet.runtime.engine.backends import OnnxRuntimeBackend
 from fbnet.runtime.engine.bundle import open_bundle
-from fbnet.runtime.engine.manifest import GalleryMeta
 from fbnet.runtime.engine.retriever import Retriever, pair_chunks
-from fbnet.runtime.gallery.build import build_gallery, code_features
-from fbnet.runtime.gallery.first_stage import first_stage_key, recorded_first_stage_key
+from fbnet.runtime.gallery.build import build_gallery
+from fbnet.runtime.gallery.first_stage import first_stage_key
 from fbnet.runtime.gallery.gallery import Gallery
 from fbnet.runtime.gallery.stores import STORES
 from fbnet.runtime.search.searcher import Searcher
 
 from common import ROOT, machine, shown, timeit, wait_http, write_section
-from galleries import key_shapes, synthetic, synthetic_gallery
+from galleries import key_shapes, store_copy, synthetic, synthetic_gallery
 
 
 # -- scorer throughput ----------------------------------------------------------------------------
@@ -440,21 +438,8 @@ def storage_section(bundle, retriever, dataset, work: Path, shortlist: int, int8
     base = None
     for store in STORES:
         root = work / f"dev-{store}"
-        if store != "float32" and not (root / "gallery.json").is_file():
-            final, root = root, work / f"dev-{store}.partial"  # made aside, renamed when complete
-            shutil.rmtree(root, ignore_errors=True)
-            shutil.copytree(g32, root)
-            meta = GalleryMeta.load(root / GalleryMeta.FILE)
-            if store == "float16":
-                for f in list((root / "images").glob("*.npy")) + list((root / "texts").glob("*.npy")):
-                    if f.name != "fg_mask.npy":
-                        np.save(f, np.load(f).astype(np.float16))
-                meta.dtype = "float16"
-            else:
-                meta.coded = code_features(root, bundle.keys, store, stage_key=recorded_first_stage_key(meta))
-            meta.store = store
-            meta.save(root / GalleryMeta.FILE)
-            root = root.rename(final)
+        if store != "float32":
+            store_copy(g32, root, bundle.keys, store)
         size = lambda side: sum(f.stat().st_size for f in (root / side).iterdir())  # noqa: E731
         r = runtime_recall(retriever, Gallery(root, bundle), owner, shortlist)
         base = r["rsum"] if base is None else base
