@@ -4,7 +4,8 @@
   top J detections with score >= threshold, zero-padded (post-processing inside the graph).
 * :class:`ImageEncoderGraph`: ``image (N, 3, S, S)`` + ``block_boxes (N, (1+J)*B, 4)`` +
   ``fg_mask (N, J)`` -> unit block embeddings per branch and level, ``blocks_B1`` ... ``blocks_F3``
-  (cropping/pooling by RoIAlign inside the graph).
+  (cropping by RoIAlign, or in ``roi`` mode pooling as a product with RoIAlign's weights, inside
+  the graph).
 * :class:`TextEncoderGraph`: ``ids (N, L)`` + ``lengths (N,)`` -> unit text-window embeddings per
   branch and level, ``windows_B1`` ... ``windows_F3`` (the GRU runs on lengths; no packing).
 * :class:`ScorerGraph`: a batch of images' block embeddings + ``fg_mask`` x a batch of captions'
