@@ -42,7 +42,7 @@ class TorchPipeline:
         self.cfg = cfg
         det, enc = frozen_from_checkpoint(cfg, ckpt)
         self.detector = DetectorGraph(det).eval() if det is not None else None
-        self.image = ImageEncoderGraph(enc, model, cfg.model.detector.max_boxes).eval()
+        self.image = ImageEncoderGraph(enc, model).eval()
         self.text = TextEncoderGraph(model).eval()
         self.scorer = ScorerGraph(model, fusion).eval()
         self.size = cfg.model.backbone.image_size

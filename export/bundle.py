@@ -70,12 +70,12 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
     ckpt = load_checkpoint(ckpt_path)
     cfg, model, vocab, fusion = load_model(ckpt)
     detector, encoder = frozen_from_checkpoint(cfg, ckpt)
-    io = graph_io(model, cfg.model.detector.max_boxes)
+    io = graph_io(model)
     images, block_boxes, fg_mask, captions, source = sample_inputs(ckpt, cfg, detector)
     ids, lengths = (torch.from_numpy(a) for a in vocab.encode_batch(captions, cfg.data.max_words))
     log(f"checking graphs against PyTorch on {source}")
 
-    image_graph = ImageEncoderGraph(encoder, model, cfg.model.detector.max_boxes).eval()
+    image_graph = ImageEncoderGraph(encoder, model).eval()
     text_graph = TextEncoderGraph(model).eval()
     with torch.no_grad():
         blocks = image_graph(images, block_boxes, fg_mask)
@@ -112,7 +112,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
         if fp16:
             ok, why = tensorrt_status()
             if ok:
-                engines = build_engines(tmp, specs, cfg.model.detector.max_boxes, fp16=True, log=log)
+                engines = build_engines(tmp, specs, cfg.model.detector.max_boxes, cfg.model.levels, fp16=True, log=log)
                 note = "built"
             else:
                 note = (f"not built: {why}. The ONNX bundle is complete; build the engines later on a GPU "
@@ -150,7 +150,8 @@ def build_bundle_engines(bundle: str | Path, fp16: bool = True, log=print) -> di
     ok, why = tensorrt_status()
     if not ok:
         raise ExportError(f"cannot build TensorRT engines here: {why}")
-    engines = build_engines(bundle, manifest.graphs, manifest.model.max_boxes, fp16=fp16, log=log)
+    engines = build_engines(bundle, manifest.graphs, manifest.model.max_boxes, manifest.model.levels, fp16=fp16,
+                            log=log)
     manifest.engines = Engines("built", engines)
     manifest.precision = "float32 graphs" + (", float16 TensorRT engines" if fp16 else ", float32 engines")
     manifest.files = {p.name: sha256(p) for p in sorted(bundle.iterdir()) if p.is_file() and p.name != Manifest.FILE}

@@ -5,7 +5,8 @@
 * :class:`ImageEncoderGraph`: ``image (N, 3, S, S)`` + ``block_boxes (N, (1+J)*B, 4)`` +
   ``fg_mask (N, J)`` -> unit block embeddings per branch and level, ``blocks_B1`` ... ``blocks_F3``
   (cropping by RoIAlign, or in ``roi`` mode pooling as a product with RoIAlign's weights, inside
-  the graph).
+  the graph). J is dynamic (any count up to the bundle's J): the runtime feeds only the box slots
+  a batch uses, so empty slots are neither pooled, projected nor sorted by GPO.
 * :class:`TextEncoderGraph`: ``ids (N, L)`` + ``lengths (N,)`` -> unit text-window embeddings per
   branch and level, ``windows_B1`` ... ``windows_F3`` (the GRU runs on lengths; no packing).
 * :class:`ScorerGraph`: a batch of images' block embeddings + ``fg_mask`` x a batch of captions'
@@ -47,14 +48,14 @@ class DetectorGraph(nn.Module):
 
 
 class ImageEncoderGraph(nn.Module):
-    def __init__(self, encoder: BlockEncoder, model, max_boxes: int):
+    def __init__(self, encoder: BlockEncoder, model):
         super().__init__()
-        self.encoder, self.model, self.j = encoder, model, max_boxes
+        self.encoder, self.model = encoder, model
 
     def forward(self, image: torch.Tensor, block_boxes: torch.Tensor, fg_mask: torch.Tensor):
-        n, nb = image.shape[0], blocks_upto(self.model.levels)
-        feats = self.encoder(image, block_boxes).reshape(n, 1 + self.j, nb, -1)
-        regions = block_boxes.reshape(n, 1 + self.j, nb, 4)[:, 1:, 0] / image.shape[-1]  # F-Net boxes, level 1
+        n, j, nb = image.shape[0], fg_mask.shape[1], blocks_upto(self.model.levels)
+        feats = self.encoder(image, block_boxes).reshape(n, 1 + j, nb, -1)
+        regions = block_boxes.reshape(n, 1 + j, nb, 4)[:, 1:, 0] / image.shape[-1]  # F-Net boxes, level 1
         enc = self.model.encode_images(feats[:, 0], feats[:, 1:], fg_mask, regions, static_shapes=True)
         return tuple(enc[k][0] for k in self.model.keys)
 
@@ -91,7 +92,7 @@ class ScorerGraph(nn.Module):
         return (self.model.fuse(sims, self.fusion), *(sims[k] for k in keys))
 
 
-def graph_io(model, max_boxes: int) -> dict[str, dict]:
+def graph_io(model) -> dict[str, dict]:
     """Input/output names and dynamic axes of every graph (what the manifest records)."""
     keys = model.keys
     blocks = [key_name("blocks", *k) for k in keys]
@@ -100,18 +101,20 @@ def graph_io(model, max_boxes: int) -> dict[str, dict]:
     text_axes = {key_name("windows", *k): ({0: "captions", 1: "words"} if k in model.word_keys else {0: "captions"})
                  for k in keys}
     sims = [key_name("sim", *k) for k in keys]
-    # the box axis is dynamic too: the runtime scores gallery chunks grouped by box count, each
-    # cut to its count (F-Net level u has u**2 blocks a box: axis "box_blocks_<u>")
+    # the box axis is dynamic too: the runtime encodes only the box slots a batch uses and scores
+    # gallery chunks grouped by box count, each cut to its count (F-Net level u has u**2 blocks a
+    # box: axis "box_blocks_<u>")
     box_axis = {key_name("blocks", b, u): f"box_blocks_{u}" for b, u in keys if b == "foreground"}
+    block_axes = {"fg_mask": {0: "images", 1: "boxes"},
+                  **{n: {0: "images", **({1: box_axis[n]} if n in box_axis else {})} for n in blocks}}
     scorer = {"inputs": ["fg_mask", *blocks, *windows], "outputs": ["similarity", *sims],
-              "dynamic": {"fg_mask": {0: "images", 1: "boxes"},
-                          **{n: {0: "images", **({1: box_axis[n]} if n in box_axis else {})} for n in blocks},
-                          **text_axes,
+              "dynamic": {**block_axes, **text_axes,
                           **{n: {0: "images", 1: "captions"} for n in ["similarity", *sims]}}}
     return {
         "detector": {"inputs": ["image"], "outputs": ["boxes", "scores"], "dynamic": {}},
         "image_encoder": {"inputs": ["image", "block_boxes", "fg_mask"], "outputs": blocks,
-                          "dynamic": {n: {0: "images"} for n in ["image", "block_boxes", "fg_mask", *blocks]}},
+                          "dynamic": {"image": {0: "images"}, "block_boxes": {0: "images", 1: "region_blocks"},
+                                      **block_axes}},
         "text_encoder": {"inputs": ["ids", "lengths"], "outputs": windows,
                          "dynamic": {"ids": {0: "captions", 1: "words"}, "lengths": {0: "captions"},
                                      **text_axes}},

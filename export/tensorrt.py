@@ -15,19 +15,23 @@ from pathlib import Path
 
 from fbnet.runtime.engine.engine_tags import engine_name, gpu_compute_capability
 from fbnet.runtime.engine.manifest import GraphSpec
+from fbnet.windows import blocks_upto
 
 from .onnx_export import ExportError
 
-#: min / opt / max extents for each named dynamic axis; the box axes come from the bundle's J
-#: (:func:`box_profile`).
+#: min / opt / max extents for each named dynamic axis; the box axes come from the bundle's J and
+#: levels (:func:`box_profile`).
 PROFILE = {"images": (1, 8, 64), "captions": (1, 128, 1024), "words": (1, 16, 64)}
 
 
-def box_profile(max_boxes: int) -> dict[str, tuple[int, int, int]]:
-    """Profile extents of the scorer's box axes: 1 to J boxes (opt: a third of J, near the mean
-    box count on Flickr8k), ``box_blocks_<u>`` = u**2 times as many blocks."""
+def box_profile(max_boxes: int, levels: int) -> dict[str, tuple[int, int, int]]:
+    """Profile extents of the box axes: 1 to J boxes (opt: a third of J, near the mean box count on
+    Flickr8k), ``box_blocks_<u>`` = u**2 times as many blocks, and the image encoder's
+    ``region_blocks``: the window boxes of the whole image and of each box, ``(1 + boxes) B``."""
     lo, opt, hi = 1, max(1, round(max_boxes / 3)), max_boxes
-    return {"boxes": (lo, opt, hi), **{f"box_blocks_{u}": (u * u * lo, u * u * opt, u * u * hi) for u in (1, 2, 3)}}
+    b = blocks_upto(levels)
+    return {"boxes": (lo, opt, hi), "region_blocks": ((1 + lo) * b, (1 + opt) * b, (1 + hi) * b),
+            **{f"box_blocks_{u}": (u * u * lo, u * u * opt, u * u * hi) for u in (1, 2, 3)}}
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -41,7 +45,7 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, "ok"
 
 
-def build_engines(bundle: Path, graphs: dict[str, GraphSpec], max_boxes: int, fp16: bool = True,
+def build_engines(bundle: Path, graphs: dict[str, GraphSpec], max_boxes: int, levels: int, fp16: bool = True,
                   log=print) -> dict[str, str]:
     """Build an engine for every ``graphs[name].file`` in ``bundle``; return name -> engine file."""
     import tensorrt as trt
@@ -65,7 +69,7 @@ def build_engines(bundle: Path, graphs: dict[str, GraphSpec], max_boxes: int, fp
         config.set_timing_cache(cache, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
         for inp in spec.inputs:
-            shapes = profile_shapes(inp.shape, max_boxes)
+            shapes = profile_shapes(inp.shape, max_boxes, levels)
             if shapes is not None:
                 profile.set_shape(inp.name, *shapes)
         config.add_optimization_profile(profile)
@@ -80,11 +84,11 @@ def build_engines(bundle: Path, graphs: dict[str, GraphSpec], max_boxes: int, fp
     return built
 
 
-def profile_shapes(shape: list, max_boxes: int) -> tuple[tuple, tuple, tuple] | None:
+def profile_shapes(shape: list, max_boxes: int, levels: int) -> tuple[tuple, tuple, tuple] | None:
     """(min, opt, max) for an input whose shape names dynamic axes; None when it is static."""
     if all(isinstance(d, int) and d > 0 for d in shape):
         return None
-    extents = {**PROFILE, **box_profile(max_boxes)}
+    extents = {**PROFILE, **box_profile(max_boxes, levels)}
     lo, opt, hi = ([], [], [])
     for d in shape:
         a, b, c = extents.get(d, (1, 1, 1)) if isinstance(d, str) else (d, d, d)

@@ -153,3 +153,31 @@ def served(bundle, gallery_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("search") / "gallery"
     build_gallery(retriever, list_images(gallery_inputs / "images"), read_captions(gallery_inputs / "captions.txt"), out)
     return retriever, Gallery(out, b), out
+
+
+def assert_encoder_cut_to_used_boxes_is_exact(bundle_dir: Path, image_paths: list) -> None:
+    """The image encoder fed only the box slots a batch uses (the runtime's default) gives, padded
+    back to J, the features of feeding all J slots: photo by photo and as one batch, and on at
+    least one photo with fewer boxes than J (so the cut is tested, not skipped)."""
+    import numpy as np
+
+    from fbnet.preprocess import load_image
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+
+    b = open_bundle(bundle_dir)
+    cut, full = Retriever(b, OnnxRuntimeBackend(b)), Retriever(b, OnnxRuntimeBackend(b))
+    assert cut.encoder_cuts_boxes
+    full.encoder_cuts_boxes = False
+    canvases = np.stack([load_image(p, b.canvas) for p in image_paths])
+    widths = []
+    for batch in [canvases[i: i + 1] for i in range(len(canvases))] + [canvases]:
+        feeds = cut.image_encoder_feeds(batch)
+        widths.append(feeds["fg_mask"].shape[1])
+        got, want = cut.encode_feeds(feeds), full.encode_canvases(batch)
+        np.testing.assert_array_equal(got.fg_mask, want.fg_mask)
+        for k in want.blocks:
+            assert got.blocks[k].shape == want.blocks[k].shape, k
+            np.testing.assert_allclose(got.blocks[k], want.blocks[k], atol=1e-5, err_msg=k)
+    assert min(widths) < b.model.max_boxes, widths

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_encoder_cut_to_used_boxes_is_exact
 from fbnet.activations import ActivationFeatures, extract_activations, view_boxes
 from fbnet.config import BackboneConfig, FBNetConfig
-from fbnet.data.manifest import Item
+from fbnet.data.manifest import Item, load_dataset
 from fbnet.features import compute_features
 from fbnet.models.backbone import BlockEncoder, roi_align_weights
 from fbnet.models.pooling import GPO, MaxPool, MeanPool, sorted_units
@@ -220,6 +221,8 @@ def test_finetuned_top_trains_exports_and_keeps_parity(tiny_synth, tmp_path):
     res = runner.invoke(main, ["parity", str(tmp_path / "run" / "best.pt"), str(tmp_path / "bundle"),
                                "--split", "test", "--backend", "onnxruntime"])
     assert res.exit_code == 0 and "PASS" in res.output, res.output
+    photos = [it.image for it in load_dataset(tiny_synth).split("test")]
+    assert_encoder_cut_to_used_boxes_is_exact(tmp_path / "bundle", photos)
     _first_stage_ranks_the_global_branch(tiny_synth, tmp_path / "bundle", tmp_path / "gallery")
 
 
@@ -229,7 +232,6 @@ def _first_stage_ranks_the_global_branch(data, bundle_dir, out):
     written before the key was recorded still ranks B1 (its saved indexes were built on B1)."""
     import json
 
-    from fbnet.data.manifest import load_dataset
     from fbnet.runtime.engine.backends import OnnxRuntimeBackend
     from fbnet.runtime.engine.bundle import open_bundle
     from fbnet.runtime.engine.retriever import Retriever

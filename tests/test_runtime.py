@@ -11,6 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from conftest import assert_encoder_cut_to_used_boxes_is_exact
 from fbnet.cli import main as fbnet_main
 
 
@@ -108,6 +109,10 @@ def test_scorer_box_axis_is_dynamic_and_grouping_is_exact(bundle):
     top = [([1, 6], 3), ([2, 5], j)] if 2 * (j - 3) > 2 else [([1, 2, 5, 6], j)]
     assert [(sorted(rows), c) for rows, c in images.box_groups(1, 2)] == [([0, 3, 4], 2), *top]
     assert len(images.box_groups(5, 2)) == 4  # five captions: every padded slot costs five times
+
+
+def test_image_encoder_takes_only_the_boxes_a_batch_uses(bundle, gallery_inputs):
+    assert_encoder_cut_to_used_boxes_is_exact(bundle, sorted((gallery_inputs / "images").iterdir()))
 
 
 def test_saved_ort_optimisations_are_used_and_match(bundle):
@@ -238,9 +243,10 @@ def test_tensorrt_profiles_cover_the_box_axis():
     """TensorRT needs min/opt/max for every dynamic axis: 1..J boxes, u**2 blocks a box."""
     from fbnet.export.tensorrt import profile_shapes
 
-    assert profile_shapes(["images", "boxes"], 9) == ((1, 1), (8, 3), (64, 9))
-    assert profile_shapes(["images", "box_blocks_3", 512], 9) == ((1, 9, 512), (8, 27, 512), (64, 81, 512))
-    assert profile_shapes([1, 3, 416, 416], 9) is None
+    assert profile_shapes(["images", "boxes"], 9, 3) == ((1, 1), (8, 3), (64, 9))
+    assert profile_shapes(["images", "box_blocks_3", 512], 9, 3) == ((1, 9, 512), (8, 27, 512), (64, 81, 512))
+    assert profile_shapes(["images", "region_blocks", 4], 9, 3) == ((1, 28, 4), (8, 56, 4), (64, 140, 4))
+    assert profile_shapes([1, 3, 416, 416], 9, 3) is None
 
 
 def test_a_take_of_rows_is_read_once_and_equals_the_plain_gather(tmp_path):

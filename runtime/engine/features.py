@@ -44,6 +44,19 @@ class ImageFeatures:
         """The first ``n`` box slots only: F-Net level u keeps ``n u**2`` blocks."""
         return ImageFeatures({k: v[:, : box_width(k, n)] for k, v in self.blocks.items()}, self.fg_mask[:, :n])
 
+    def pad_boxes(self, n: int) -> ImageFeatures:
+        """Padded with empty box slots to ``n`` (the inverse of :meth:`cut_boxes`): zero blocks,
+        mask 0. Itself when it has ``n`` slots already."""
+        extra = n - self.fg_mask.shape[1]
+        if extra <= 0:
+            return self
+
+        def pad(a: np.ndarray, width: int) -> np.ndarray:
+            return np.concatenate([a, np.zeros((a.shape[0], width, *a.shape[2:]), a.dtype)], axis=1)
+
+        return ImageFeatures({k: pad(v, box_width(k, extra)) if k.startswith("F") else v
+                              for k, v in self.blocks.items()}, pad(self.fg_mask, extra))
+
     def group_feeds(self, rows, n: int) -> dict[str, np.ndarray]:
         """The scorer's image inputs for ``rows`` cut to ``n`` box slots, float32: each array is
         gathered once, its padded slots past ``n`` never copied."""

@@ -15,7 +15,7 @@ import numpy as np
 from fbnet.errors import FbnetError
 from fbnet.preprocess import load_image
 from fbnet.vocab import tokenize
-from fbnet.windows import image_block_boxes
+from fbnet.windows import blocks_upto, image_block_boxes
 
 from .backends import Backend, OnnxRuntimeBackend
 from .bundle import Bundle
@@ -54,6 +54,9 @@ class Retriever:
         fg = bundle.graph("scorer").input("fg_mask")
         #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
         self.dynamic_boxes = fg is not None and isinstance(fg.shape[1], str) and "F1" in self.keys
+        fg = bundle.graph("image_encoder").input("fg_mask")
+        #: whether the image encoder takes any box count (bundles exported before that take exactly J)
+        self.encoder_cuts_boxes = fg is not None and isinstance(fg.shape[1], str)
 
     def lane(self) -> Retriever | None:
         """This retriever on one-thread ONNX Runtime CPU sessions (a re-rank lane of
@@ -76,19 +79,28 @@ class Retriever:
         return boxes[0], scores[0]
 
     def image_encoder_feeds(self, canvases: np.ndarray) -> dict[str, np.ndarray]:
-        """Detect, then lay both branches' window boxes: the ``image_encoder`` inputs for ``canvases``."""
+        """Detect, then lay both branches' window boxes: the ``image_encoder`` inputs for ``canvases``,
+        cut to the box slots the batch uses (at least one) where the graph takes any count: empty
+        slots would be pooled, projected and sorted for nothing (a third of the image encoder's time
+        on a Flickr8k photo, BENCHMARKS "Image query: detector input size")."""
         size = canvases.shape[-1]
         per = [image_block_boxes(size, *self.detect(c), self.levels, self.max_boxes) for c in canvases]
-        return {"image": canvases.astype(np.float32), "block_boxes": np.stack([p[0] for p in per]).astype(np.float32),
-                "fg_mask": np.stack([p[1] for p in per]).astype(np.float32)}
+        block_boxes, fg_mask = np.stack([p[0] for p in per]), np.stack([p[1] for p in per])
+        if self.encoder_cuts_boxes:
+            used = max(1, int(fg_mask.sum(axis=1).max()))  # real boxes come first
+            block_boxes = block_boxes[:, : (1 + used) * blocks_upto(self.levels)]
+            fg_mask = fg_mask[:, :used]
+        return {"image": canvases.astype(np.float32), "block_boxes": as_float32(block_boxes),
+                "fg_mask": as_float32(fg_mask)}
 
     def encode_canvases(self, canvases: np.ndarray) -> ImageFeatures:
         return self.encode_feeds(self.image_encoder_feeds(canvases))
 
     def encode_feeds(self, feeds: dict[str, np.ndarray]) -> ImageFeatures:
-        """``image_encoder`` on feeds from :meth:`image_encoder_feeds`."""
+        """``image_encoder`` on feeds from :meth:`image_encoder_feeds`, padded back to the bundle's J
+        box slots (what galleries store and the scorer's groups cut from)."""
         outs = self.run("image_encoder", feeds)
-        return ImageFeatures(dict(zip(self.keys, outs)), feeds["fg_mask"])
+        return ImageFeatures(dict(zip(self.keys, outs)), feeds["fg_mask"]).pad_boxes(self.max_boxes)
 
     @property
     def boxes_key(self) -> tuple:
