@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -105,6 +106,7 @@ def synthetic_gallery(bundle, n: int, root: Path, random_rows: int = 10_000, dty
             arr.flush()
             del arr
     (out / "gallery.json").write_text(json.dumps(meta))
+    os.sync()  # a new gallery's gigabytes are written back now, not while the next timings run
     return Gallery(out, bundle)
 
 
@@ -126,5 +128,6 @@ def store_copy(source: Path, root: Path, keys: list[str], store: str) -> Path:
         meta.coded = code_features(work, keys, store, stage_key=recorded_first_stage_key(meta))
     meta.store = store
     meta.save(work / GalleryMeta.FILE)
+    os.sync()  # as for synthetic_gallery: written back before anything is timed
     return work.rename(root)
 

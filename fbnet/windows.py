@@ -92,9 +92,8 @@ def branch_blocks(
     mask[: len(chosen)] = True
     if not chosen:
         chosen, mask[0] = [full], True
-    foreground = np.stack(
-        [region_blocks(chosen[j] if j < len(chosen) else full, levels) for j in range(max_boxes)]
-    )
+    # padded slots repeat the whole image's blocks: B-Net's, laid once
+    foreground = np.stack([region_blocks(b, levels) for b in chosen] + [background] * (max_boxes - len(chosen)))
     return background, foreground, mask
 
 

@@ -36,6 +36,10 @@ def test_branch_blocks_uses_whole_image_when_nothing_is_detected():
     assert bg.shape == (14, 4) and fg.shape == (9, 14, 4)
     assert mask.tolist() == [True] + [False] * 8
     assert np.allclose(fg[0], bg)
+    _, fg, mask = branch_blocks(128, np.array([[10.0, 20.0, 70.0, 90.0]]), 3, 9)
+    assert mask.tolist() == [True] + [False] * 8
+    assert np.array_equal(fg[0], region_blocks((10.0, 20.0, 70.0, 90.0), 3))
+    assert all(np.array_equal(f, bg) for f in fg[1:])  # padded slots: the whole image's blocks
 
 
 def test_branch_blocks_keeps_at_most_j_boxes_and_widens_thin_ones():

@@ -104,10 +104,12 @@ class Retriever:
 
     @property
     def boxes_key(self) -> tuple:
-        """What decides :meth:`image_encoder_feeds`: the detector graph (its sha256) and the window
-        layout. Retrievers with equal keys lay the same boxes on a canvas."""
+        """What decides :meth:`image_encoder_feeds`: the detector graph (its sha256), the window
+        layout and whether the feeds are cut to the used box slots. Retrievers with equal keys lay
+        the same boxes on a canvas."""
         detector = self.bundle.graph("detector")
-        return (self.bundle.manifest.files.get(detector.file) if detector else None, self.levels, self.max_boxes)
+        return (self.bundle.manifest.files.get(detector.file) if detector else None, self.levels, self.max_boxes,
+                self.encoder_cuts_boxes)
 
     def encode_images(self, paths: list[str | Path]) -> ImageFeatures:
         batches = canvas_batches(paths, self.bundle.canvas, self.batch_size)
