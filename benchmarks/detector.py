@@ -3,8 +3,8 @@ INT8 copy, against today's 416 x 416, with what each costs in dev R@sum.
 
     python benchmarks/detector.py --checkpoint runs/flickr8k/best.pt [--sizes 416,320,224]
 
-For every size, a copy of the checkpoint with only ``model.detector.input_size`` changed is
-exported (``<work>/<size>/bundle``; ``--int8`` adds its ``fbnet export --int8`` copy, the detector
+For every size, the checkpoint is exported with ``fbnet export --detector-size SIZE``
+(``<work>/<size>/bundle``; ``--int8`` adds its ``fbnet export --int8`` copy, the detector
 quantized), and measured:
 
 * accuracy: the 1,000 dev images indexed with that bundle (the 5,000 dev captions beside them) and
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fbnet.atomic import atomic_write_text
-from fbnet.checkpoint import load_checkpoint, save_checkpoint
+from fbnet.checkpoint import load_checkpoint
 from fbnet.data.manifest import load_dataset
 from fbnet.metrics import recall_at_k
 from fbnet.preprocess import load_image
@@ -55,11 +55,8 @@ def variant_bundle(checkpoint: Path, size: int, int8: bool, work: Path) -> Path:
     folder = work / str(size)
     bundle = folder / "bundle"
     if not (bundle / "manifest.json").is_file():
-        ckpt = load_checkpoint(checkpoint)
-        ckpt["config"]["model"]["detector"]["input_size"] = size
-        save_checkpoint(folder / "best.pt", ckpt)
-        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(folder / "best.pt"), "--out", str(bundle)],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(checkpoint), "--out", str(bundle),
+                        "--detector-size", str(size)], check=True)
     if not int8:
         return bundle
     return int8_copy(bundle, folder / "bundle-int8")

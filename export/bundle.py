@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fbnet.atomic import atomic_dir
-from fbnet.checkpoint import library_versions, load_checkpoint
+from fbnet.checkpoint import library_versions, load_checkpoint, with_detector_size
 from fbnet.data.manifest import DatasetError, load_dataset
 from fbnet.evaluate import load_model
 from fbnet.models.detector import detect
@@ -65,9 +65,12 @@ def sample_inputs(ckpt: dict, cfg, detector, n: int = 3):
 
 
 def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                  log=print) -> Path:
+                  log=print, detector_size: int | None = None) -> Path:
+    """``detector_size``: run YOLOv3-tiny at that input size instead of the checkpoint's
+    (:func:`~fbnet.checkpoint.with_detector_size`); the manifest records it with the source
+    checkpoint, and ``fbnet parity`` compares against PyTorch with the same detector."""
     ckpt_path, out = Path(ckpt_path), Path(out)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = with_detector_size(load_checkpoint(ckpt_path), detector_size, ckpt_path)
     cfg, model, vocab, fusion = load_model(ckpt)
     detector, encoder = frozen_from_checkpoint(cfg, ckpt)
     io = graph_io(model)
@@ -133,7 +136,8 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
             engines=Engines(note, engines),
             export_check=checks,
             validation_metrics=ckpt.get("val_metrics"),
-            source_checkpoint={"path": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)},
+            source_checkpoint={"path": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path),
+                               **({"detector_size": detector_size} if detector_size else {})},
             versions={**library_versions(), "onnx": __import__("onnx").__version__,
                       "onnxruntime": __import__("onnxruntime").__version__},
             files={p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},

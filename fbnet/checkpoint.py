@@ -7,6 +7,7 @@ half-written checkpoint; a file from another format version or a truncated file 
 
 from __future__ import annotations
 
+import copy
 import io
 import platform
 from pathlib import Path
@@ -58,3 +59,21 @@ def load_checkpoint(path: str | Path) -> dict:
         )
     return data
 
+
+
+def with_detector_size(ckpt: dict, size: int | None, source: str | Path = "checkpoint") -> dict:
+    """``ckpt`` with its YOLOv3-tiny detector run at ``size`` x ``size`` (``model.detector.input_size``),
+    to serve a smaller detector than the one trained with (``fbnet export --detector-size``); ``ckpt``
+    itself when ``size`` is None. The weights stay the trained ones, so the boxes change:
+    BENCHMARKS.md ("Image query: detector input size") measures what that costs in dev R@sum."""
+    if size is None:
+        return ckpt
+    if size <= 0 or size % 32:
+        raise CheckpointError(f"{source}: detector size {size} is not a positive multiple of 32")
+    detector = ckpt["config"]["model"]["detector"]
+    if detector.get("name") != "yolov3_tiny":
+        raise CheckpointError(f"{source}: its detector is {detector.get('name')!r}; only yolov3_tiny takes an "
+                              "input size (--detector-size)")
+    out = {**ckpt, "config": copy.deepcopy(ckpt["config"])}
+    out["config"]["model"]["detector"]["input_size"] = size
+    return out

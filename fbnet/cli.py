@@ -207,8 +207,11 @@ def info_cmd(path):
               help="with --int8: training images to calibrate on")
 @click.option("--calibration-method", default="minmax", show_default=True,
               type=click.Choice(["minmax", "percentile", "entropy"]), help="with --int8: activation ranges")
+@click.option("--detector-size", type=int, help="run YOLOv3-tiny at this input size (a multiple of 32) instead of the "
+              "checkpoint's: a faster image query, with boxes the weights were not trained on (BENCHMARKS.md, "
+              "'Image query: detector input size')")
 def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, triton_max_batch, int8,
-               int8_graphs, calibration_images, calibration_method):
+               int8_graphs, calibration_images, calibration_method, detector_size):
     """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory; an
     ensemble file (.yaml/.json, `fbnet ensemble`) into an ensemble bundle of every member's."""
     from fbnet.ensemble import is_ensemble
@@ -221,16 +224,20 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
     if (source / "manifest.json").is_file() or is_ensemble_bundle(source):  # already a bundle
         if triton_repo is None and not int8 and not engines_only:
             raise click.UsageError("SOURCE is a bundle: give --triton REPO, --int8 or --engines-only")
+        if detector_size is not None:
+            raise click.UsageError("--detector-size takes a checkpoint; SOURCE is a bundle")
         out = source
     elif engines_only:
         raise click.UsageError("--engines-only takes a bundle directory (SOURCE)")
     elif out is None:
         raise click.UsageError("give --out BUNDLE")
+    elif detector_size is not None and is_ensemble(source):
+        raise click.UsageError("--detector-size takes a checkpoint, not an ensemble file")
     elif is_ensemble(source):
         export_ensemble_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
         click.echo(f"wrote ensemble bundle {out}")
     else:
-        export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
+        export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo, detector_size=detector_size)
         click.echo(f"wrote bundle {out}")
     ensemble = is_ensemble_bundle(out)
     models = member_dirs(out) if ensemble else [out]

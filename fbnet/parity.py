@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, with_detector_size
 from .data.manifest import load_dataset
 from .ensemble import EnsembleError, combine, is_ensemble, load_ensemble, member_checkpoints
 from .evaluate import load_model
@@ -58,7 +58,11 @@ def run_parity(source, bundle_path, split: str = "test", backend: str = "auto", 
     _check_members(retriever, weights, bundle_path, source)
     dataset = load_dataset(data or members[0]["data_root"])
     items = dataset.split(split)[:limit]
-    parts = [pytorch_scores(ckpt, items, dataset.has_labels, split) for ckpt in members]
+    bundles = getattr(retriever.bundle, "members", [retriever.bundle])
+    # a bundle exported with --detector-size runs its detector at that size: so does PyTorch here
+    sizes = [(b.manifest.source_checkpoint or {}).get("detector_size") for b in bundles]
+    parts = [pytorch_scores(with_detector_size(ckpt, size), items, dataset.has_labels, split)
+             for ckpt, size in zip(members, sizes)]
     torch_scores, caps = combine([p[0] for p in parts], weights), parts[0][1]
     captions = [c for it in items for c in it.captions]
     runtime_scores = retriever.score(retriever.encode_images([it.image for it in items]),
@@ -67,7 +71,6 @@ def run_parity(source, bundle_path, split: str = "test", backend: str = "auto", 
     args = (caps.image, caps.image_labels, caps.labels)
     ref, got = retrieval_report(torch_scores, *args), retrieval_report(runtime_scores, *args)
     primary = ref["primary"]
-    bundles = getattr(retriever.bundle, "members", [retriever.bundle])
     quantized = next((b.manifest.quantization for b in bundles if b.manifest.quantization), None)
     precision = "int8" if quantized else "float16" if retriever.backend.half else "float32"
     result = {

@@ -131,6 +131,15 @@ def test_missing_checkpoint(tmp_path):
     fails(FBNET, "export", "gone.pt", "--out", "bundle", names=("gone.pt", "checkpoint not found"), cwd=tmp_path)
 
 
+def test_detector_size_needs_yolo_and_a_multiple_of_32(tiny, tmp_path):
+    ckpt = tiny / "run" / "best.pt"
+    fails(FBNET, "export", ckpt, "--out", "b", "--detector-size", "160", names=(str(ckpt), "'none'", "yolov3_tiny"),
+          cwd=tmp_path)
+    fails(FBNET, "export", ckpt, "--out", "b", "--detector-size", "100", names=(str(ckpt), "multiple of 32"),
+          cwd=tmp_path)
+    assert not (tmp_path / "b").exists()
+
+
 def test_ensemble_naming_a_missing_checkpoint(tmp_path):
     (tmp_path / "ens.yaml").write_text("kind: fbnet-ensemble\nmembers:\n  - {checkpoint: gone.pt, weight: 1.0}\n")
     fails(FBNET, "evaluate", "ens.yaml", names=("ens.yaml", "members[0]", "gone.pt"), cwd=tmp_path)

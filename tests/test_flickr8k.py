@@ -4,11 +4,18 @@ instance-level evaluation on dev, then export and parity. Skips cleanly without 
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
-from conftest import SHARED
+from conftest import SHARED, assert_encoder_cut_to_used_boxes_is_exact
+from fbnet.checkpoint import load_checkpoint, with_detector_size
 from fbnet.cli import main
+from fbnet.evaluate import load_model
+from fbnet.export.graphs import DetectorGraph
+from fbnet.pipeline import frozen_from_checkpoint
+from fbnet.preprocess import load_image
 
 FLICKR = SHARED / "data" / "flickr8k"
 WEIGHTS = SHARED / "weights"
@@ -70,3 +77,40 @@ def test_export_and_parity_on_real_images(flickr_run):
                                "--backend", "onnxruntime"])
     assert res.exit_code == 0, res.output
     assert "PASS" in res.output
+
+
+def test_a_smaller_detector_exports_and_keeps_parity(flickr_run):
+    """``--detector-size 160`` serves YOLOv3-tiny at 160 x 160 from weights trained at 416: the
+    detector graph takes 160 px, the manifest records the size, parity runs PyTorch with the same
+    detector (and passes), and the image encoder fed only the used box slots stays exact on real
+    YOLO boxes."""
+    root, _ = flickr_run
+    out = root / "bundle-160"
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(root / "run" / "best.pt"), "--out", str(out), "--detector-size", "160"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["source_checkpoint"]["detector_size"] == 160
+    dev = [FLICKR / "images" / name for name in FLICKR.joinpath("dev.txt").read_text().split()[:8]]
+    small, full = _detections(out, dev), _detections(root / "bundle", dev)  # the 416 bundle of the test above
+    ckpt = with_detector_size(load_checkpoint(root / "run" / "best.pt"), 160)
+    detector = DetectorGraph(frozen_from_checkpoint(load_model(ckpt)[0], ckpt)[0]).eval()
+    for (boxes, scores), photo in zip(small, dev):
+        with torch.no_grad():
+            want = detector(torch.from_numpy(load_image(photo, 224)[None]))
+        np.testing.assert_allclose(boxes, want[0][0].numpy(), atol=1e-2)
+        np.testing.assert_allclose(scores, want[1][0].numpy(), atol=1e-4)
+    assert any(a[0].shape != b[0].shape or not np.allclose(a[0], b[0]) for a, b in zip(small, full))
+    res = runner.invoke(main, ["parity", str(root / "run" / "best.pt"), str(out), "--split", "val",
+                               "--backend", "onnxruntime"])
+    assert res.exit_code == 0 and "PASS" in res.output, res.output
+    assert_encoder_cut_to_used_boxes_is_exact(out, dev)
+
+
+def _detections(bundle, photos):
+    from fbnet.runtime.engine.backends import OnnxRuntimeBackend
+    from fbnet.runtime.engine.bundle import open_bundle
+    from fbnet.runtime.engine.retriever import Retriever
+
+    b = open_bundle(bundle)
+    r = Retriever(b, OnnxRuntimeBackend(b))
+    return [r.detect(load_image(p, b.canvas)) for p in photos]
