@@ -142,7 +142,7 @@ def main() -> None:
     lines = [HEADING, "",
              f"`python benchmarks/detector.py --checkpoint {args.checkpoint} --sizes {args.sizes} --int8 {args.int8}` "
              f"({machine()}). The recipe's checkpoint exported with YOLOv3-tiny at each input size "
-             "(`model.detector.input_size`; the Flickr8k canvas is 224 x 224) and, where marked, its detector "
+             "(`fbnet export --detector-size`; the Flickr8k canvas is 224 x 224) and, where marked, its detector "
              "quantized (`fbnet export --int8`, minmax calibration). Dev R@sum: the 1,000 dev images indexed "
              "with each bundle and all 5,000 captions, scored exhaustively by the runtime; the weights were "
              f"trained on the 416 detector's boxes and are not retrained. Box agreement: the first {AGREEMENT_PHOTOS} "
