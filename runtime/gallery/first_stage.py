@@ -1,10 +1,7 @@
 """The first stage of two-stage search: top-k by inner product over pooled unit vectors.
 
-Small galleries use an exact flat product in numpy: one matrix product and a partial sort, with
-the top k of FAISS's ``IndexFlatIP`` (``use_faiss=True`` asks for that one). On 2 cores it takes
-0.95 ms for one query over 10,000 x 512 vectors against FAISS's 2.08 ms, 2.9 against 7.5 ms for
-eight, and 8.5 against 18.5 ms for one over 99,000 (FAISS answers fewer than 20 queries without
-BLAS). Large ones use a FAISS inverted-file index, chosen from the gallery's size and a memory
+Small galleries use an exact flat index (FAISS ``IndexFlatIP`` when ``faiss`` is installed, else
+numpy). Large ones use a FAISS inverted-file index, chosen from the gallery's size and a memory
 budget in the manner of autofaiss (a reconstruction of its rule of thumb, not its code):
 
 * fewer than :data:`FLAT_LIMIT` vectors: ``Flat`` (exact);
@@ -115,15 +112,20 @@ class FirstStage:
 
     def __init__(self, vectors: np.ndarray | None = None, use_faiss: bool | None = None, spec: str = "Flat",
                  index=None, seed: int = 0):
-        """``use_faiss``: True runs a ``Flat`` first stage on FAISS's ``IndexFlatIP``; otherwise it is
-        numpy's (faster, the same top k: see the module doc). Other specs are always FAISS's."""
         self.spec, self.faiss, self.vectors = spec, index, None
         if index is not None:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if spec == "Flat" and not use_faiss:
-            self.vectors = vectors
-            return
+        if spec == "Flat" and use_faiss is not True:
+            try:
+                import faiss
+            except ImportError:
+                if use_faiss:
+                    raise
+                faiss = None
+            if faiss is None or use_faiss is False:
+                self.vectors = vectors
+                return
         import faiss
 
         index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
