@@ -60,7 +60,6 @@ def load_checkpoint(path: str | Path) -> dict:
     return data
 
 
-
 def with_detector_size(ckpt: dict, size: int | None, source: str | Path = "checkpoint") -> dict:
     """``ckpt`` with its YOLOv3-tiny detector run at ``size`` x ``size`` (``model.detector.input_size``),
     to serve a smaller detector than the one trained with (``fbnet export --detector-size``); ``ckpt``

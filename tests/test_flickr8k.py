@@ -81,9 +81,9 @@ def test_export_and_parity_on_real_images(flickr_run):
 
 def test_a_smaller_detector_exports_and_keeps_parity(flickr_run):
     """``--detector-size 160`` serves YOLOv3-tiny at 160 x 160 from weights trained at 416: the
-    detector graph takes 160 px, the manifest records the size, parity runs PyTorch with the same
-    detector (and passes), and the image encoder fed only the used box slots stays exact on real
-    YOLO boxes."""
+    manifest records the size, the bundle's boxes are PyTorch's YOLO at 160 (and not the 416
+    bundle's), parity runs PyTorch with the same detector (and passes), and the image encoder fed
+    only the used box slots stays exact on real YOLO boxes."""
     root, _ = flickr_run
     out = root / "bundle-160"
     runner = CliRunner()

@@ -51,12 +51,10 @@ class Retriever:
         self.max_windows = self.levels ** 2
         #: each graph's inputs: a model without F-Net keys has no ``fg_mask`` in its scorer
         self.inputs = {name: {i.name for i in spec.inputs} for name, spec in bundle.manifest.graphs.items()}
-        fg = bundle.graph("scorer").input("fg_mask")
         #: whether the scorer graphs take any box count (bundles exported before that take exactly J)
-        self.dynamic_boxes = fg is not None and isinstance(fg.shape[1], str) and "F1" in self.keys
-        fg = bundle.graph("image_encoder").input("fg_mask")
+        self.dynamic_boxes = takes_any_box_count(bundle.graph("scorer")) and "F1" in self.keys
         #: whether the image encoder takes any box count (bundles exported before that take exactly J)
-        self.encoder_cuts_boxes = fg is not None and isinstance(fg.shape[1], str)
+        self.encoder_cuts_boxes = takes_any_box_count(bundle.graph("image_encoder"))
 
     def lane(self) -> Retriever | None:
         """This retriever on one-thread ONNX Runtime CPU sessions (a re-rank lane of
@@ -150,6 +148,12 @@ class Retriever:
                 for out, value in zip(outs, got):
                     out[isl, csl][rows] = value
         return (outs[0], dict(zip(self.keys, outs[1:]))) if per_key else outs[0]
+
+
+def takes_any_box_count(graph) -> bool:
+    """Whether ``graph`` (a manifest ``GraphSpec``) names its ``fg_mask`` box axis, i.e. takes any box count."""
+    fg = graph.input("fg_mask")
+    return fg is not None and isinstance(fg.shape[1], str)
 
 
 def canvas_batches(paths: list[str | Path], canvas: int, batch_size: int):

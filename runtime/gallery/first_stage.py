@@ -4,8 +4,9 @@ Small galleries use an exact flat index (FAISS ``IndexFlatIP`` when ``faiss`` is
 numpy). Alone, numpy's product is faster (0.95 against 2.08 ms for one query over 10,000 x 512 on 2
 cores, the same top k), but its OpenBLAS threads spin after the call and slow what runs next: an
 image query with the recipe's bundle at 10,000 items took 88 ms with it against 59 ms with FAISS,
-A/B in one process. So FAISS stays the default. Large ones use a FAISS inverted-file index, chosen from the gallery's size and a memory
-budget in the manner of autofaiss (a reconstruction of its rule of thumb, not its code):
+A/B in one process. So FAISS stays the default. Large ones use a FAISS inverted-file index, chosen
+from the gallery's size and a memory budget in the manner of autofaiss (a reconstruction of its
+rule of thumb, not its code):
 
 * fewer than :data:`FLAT_LIMIT` vectors: ``Flat`` (exact);
 * else ``IVF<nlist>,Flat`` with ``nlist`` the power of two nearest ``4 sqrt(n)`` (4,096 lists
