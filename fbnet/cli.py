@@ -98,12 +98,17 @@ def default_dataset(seed: int = 0) -> Path:
 @click.option("--resume", is_flag=True, help="continue the interrupted run in --out")
 @click.option("--epochs", type=click.IntRange(min=1), help="override train.epochs")
 @click.option("--word-vectors", type=click.Path(dir_okay=False), help="word2vec binary or GloVe text")
-def train(data_dir, config, out, resume, epochs, word_vectors):
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="override one config value (YAML), e.g. --set loss.name=triplet; repeatable")
+def train(data_dir, config, out, resume, epochs, word_vectors, overrides):
     """Train FB-Net; prints validation MAP per epoch and the test metrics at the end."""
     if resume:
         # a resumed run keeps its own config and dataset (only --epochs may change)
         if out is None:
             raise click.UsageError("--resume needs --out, the run directory to continue")
+        if overrides:
+            raise ConfigError(f"{out / 'last.pt'}: --set cannot change a resumed run, which keeps the config it "
+                              "started with; start a new run (another --out) with other values")
         if word_vectors:
             raise ConfigError(f"{out / 'last.pt'}: --word-vectors cannot change a resumed run: its word embeddings "
                               "were initialised at the start and have been trained since; start a new run "
@@ -117,6 +122,7 @@ def train(data_dir, config, out, resume, epochs, word_vectors):
         cfg = FBNetConfig.load(resources.files("fbnet") / "configs" / "synth.yaml")
     else:
         cfg = FBNetConfig.load(config) if config else FBNetConfig()
+    cfg = cfg.with_overrides(overrides)
     if epochs is not None:
         cfg.train.epochs = epochs
     if word_vectors:

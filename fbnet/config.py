@@ -264,6 +264,30 @@ class FBNetConfig(_Section):
     def load(cls, path: str | Path) -> "FBNetConfig":
         return cls.from_dict(read_mapping(path, ConfigError, "config"), str(path))
 
+    def with_overrides(self, assignments: tuple[str, ...] | list[str]) -> "FBNetConfig":
+        """This config with ``section.key=value`` assignments applied (``fbnet train --set``), each
+        value read as YAML (``loss.name=triplet``, ``model.embed_dim=1024``, ``data.views=[identity]``),
+        validated together as a file is; a malformed assignment, a path through a value or a bad key
+        or value is one :class:`ConfigError` naming the assignments."""
+        import yaml
+
+        data = self.to_dict()
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            parts = key.strip().split(".")
+            if not sep or not all(parts):
+                raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. loss.name=triplet")
+            node = data
+            for depth, part in enumerate(parts[:-1]):
+                node = node.setdefault(part, {}) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {assignment!r}: '{'.'.join(parts[:depth + 1])}' is a value, not a section")
+            try:
+                node[parts[-1]] = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {assignment!r}: value is not YAML ({exc.problem})") from None
+        return type(self).from_dict(data, "--set " + " ".join(assignments)) if assignments else self
+
     def validate(self) -> None:  # noqa: D102  (values set after loading, e.g. --epochs, checked again)
         type(self).from_dict(self.to_dict(), "config")
 

@@ -121,6 +121,23 @@ def test_unknown_config_key(tmp_path):
     fails(FBNET, "train", "--config", "c.yaml", names=("c.yaml", "model.embed_dimm", "unknown key"), cwd=tmp_path)
 
 
+def test_set_overrides_are_checked_like_the_file(tmp_path):
+    """``fbnet train --set`` goes through the same validation as a config file: a typo'd key, a path
+    through a value or an assignment without ``=`` is one line naming the assignment, before any work."""
+    fails(FBNET, "train", "--set", "loss.nme=triplet", names=("--set loss.nme=triplet", "unknown key"), cwd=tmp_path)
+    fails(FBNET, "train", "--set", "loss.name.x=1", names=("loss.name.x=1", "'loss.name' is a value"), cwd=tmp_path)
+    fails(FBNET, "train", "--set", "loss", names=("--set 'loss'", "section.key=value"), cwd=tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_overrides_apply_in_any_order():
+    from fbnet.config import FBNetConfig
+
+    cfg = FBNetConfig().with_overrides(["loss.warmup_epochs=1", "loss.name=triplet", "data.views=[identity, hflip]"])
+    assert (cfg.loss.name, cfg.loss.warmup_epochs, cfg.data.views) == ("triplet", 1, ("identity", "hflip"))
+    assert FBNetConfig().with_overrides([]) == FBNetConfig()
+
+
 def test_config_cross_field_rule(tmp_path):
     (tmp_path / "c.yaml").write_text("model:\n  backbone: {name: detector}\n  detector: {name: yolov3_tiny}\n")
     fails(FBNET, "train", "--config", "c.yaml", names=("c.yaml", "backbone 'detector'", "yolov3_tiny"), cwd=tmp_path)
