@@ -228,6 +228,9 @@ class TrainConfig(_Section):
     #: ``lr`` x this, and it stays frozen for the first ``backbone_frozen_epochs`` epochs.
     backbone_lr_scale: float = Field(0.1, gt=0.0)
     backbone_frozen_epochs: int = Field(1, ge=0)
+    #: Word dropout: each training caption loses this share of its words at every step (the text
+    #: half of VSE-infinity's size augmentation, :mod:`fbnet.augment`; 0 = off, VSE-infinity: 0.2).
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     #: torch threads for training (0 = torch's default).
     num_threads: int = Field(0, ge=0)
     #: Where the epochs run: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when a GPU is visible).
@@ -281,7 +284,8 @@ class FBNetConfig(_Section):
             for depth, part in enumerate(parts[:-1]):
                 node = node.setdefault(part, {}) if isinstance(node, dict) else None
                 if not isinstance(node, dict):
-                    raise ConfigError(f"--set {assignment!r}: '{'.'.join(parts[:depth + 1])}' is a value, not a section")
+                    where = ".".join(parts[:depth + 1])
+                    raise ConfigError(f"--set {assignment!r}: '{where}' is a value, not a section")
             try:
                 node[parts[-1]] = yaml.safe_load(text)
             except yaml.YAMLError as exc:

@@ -20,6 +20,7 @@ from .data.manifest import Item
 from .activations import FILES as ACTIVATION_FILES
 from .activations import ActivationFeatures, activation_key, extract_activations
 from .atomic import atomic_dir
+from .augment import drop_words
 from .distributed import Group
 from .features import FILES as FEATURE_FILES
 from .features import SplitFeatures, cache_current, cache_key, extract_split, state_digest
@@ -123,6 +124,10 @@ class Captions:
     image: np.ndarray
     labels: np.ndarray | None
     image_labels: np.ndarray | None
+    #: Training only: the share of words :meth:`tensors` drops (:mod:`fbnet.augment`), drawn from
+    #: ``rng``; without an ``rng`` the captions are whole.
+    word_dropout: float = 0.0
+    rng: np.random.Generator | None = None
 
     @classmethod
     def from_items(cls, items: list[Item], vocab: Vocabulary, max_words: int, labelled: bool) -> "Captions":
@@ -145,7 +150,11 @@ class Captions:
     def tensors(self, index):
         lengths = self.lengths[index]
         width = int(lengths.max())
-        return torch.from_numpy(self.ids[index, :width]), torch.from_numpy(lengths)
+        ids = self.ids[index, :width]
+        if self.rng is not None and self.word_dropout:
+            ids, lengths = drop_words(ids, lengths, self.word_dropout, self.rng)
+            ids = ids[:, :int(lengths.max())]
+        return torch.from_numpy(ids), torch.from_numpy(lengths)
 
 
 def cat_units(parts: list[torch.Tensor]) -> torch.Tensor:

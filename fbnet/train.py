@@ -141,6 +141,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
               "feature_dim": encoder.out_dim, "classes": dataset.classes,
               "box_classes": dataset.box_classes, "data_root": str(dataset.root)}
     train_caps, train_feats = caps["train"], feats["train"]
+    train_caps.word_dropout = tc.word_dropout
     val_caps = caps["val"].first_per_image(tc.val_captions)  # what each epoch's validation scores
     n_pairs = len(train_caps.lengths)
     steps = math.ceil(n_pairs / tc.batch_size)
@@ -155,6 +156,7 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             break
         model.train()
         order = np.random.default_rng([tc.seed, epoch]).permutation(n_pairs)
+        train_caps.rng = np.random.default_rng([tc.seed, epoch, 2] + ([group.rank] if group else []))
         if finetune_top:  # frozen for the first epochs; one random cached view per image and step
             encoder.top().requires_grad_(epoch >= tc.backbone_frozen_epochs)
             train_feats.rng = np.random.default_rng([tc.seed, epoch, 1] + ([group.rank] if group else []))
