@@ -150,11 +150,16 @@ class ModelConfig(_Section):
     #: FB-Net: a pooled global branch beside eq. (7)'s six matrices: ``gpo`` (VSE-infinity's
     #: generalized pooling), ``max``, ``mean`` or ``""`` (none). Its weight mu is chosen on dev.
     global_pool: Literal["", "gpo", "max", "mean"] = ""
+    #: The global branch's size augmentation: in training, each block is left out of its pooling
+    #: with this probability (:mod:`fbnet.augment`; 0 = off, VSE-infinity: 0.2).
+    block_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _cross_field(self):
         if not self.branches or len(set(self.branches)) != len(self.branches):
             raise ValueError(f"branches must name 'background' and/or 'foreground' once each: {list(self.branches)}")
+        if self.block_dropout and not self.global_pool:
+            raise ValueError("block_dropout drops blocks from the pooled global branch: set global_pool too")
         if self.embed_dim % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide embed_dim ({self.embed_dim})")
         if self.backbone.name == "detector" and self.detector.name != "fasterrcnn_light":

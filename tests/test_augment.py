@@ -4,6 +4,7 @@ that only training captions lose it."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -71,3 +72,29 @@ def test_a_run_with_word_dropout_trains_differently(tiny_synth, tmp_path):
     dropped = first_loss("a", "--set", "train.word_dropout=0.3")
     assert dropped == first_loss("b", "--set", "train.word_dropout=0.3")
     assert dropped != first_loss("c")
+
+
+def test_block_dropout_leaves_blocks_out_of_the_pooled_branch_in_training_only():
+    from fbnet.augment import drop_units
+    from fbnet.config import ConfigError, FBNetConfig, ModelConfig
+    from fbnet.models.fbnet import GLOBAL, FBNet
+
+    torch.manual_seed(0)
+    mask = (torch.rand(500, 40) > 0.3).float()
+    mask[:, 0] = 1
+    kept = drop_units(mask, 0.2)
+    assert (kept <= mask).all() and (kept.sum(1) >= 1).all()
+    assert 0.15 < 1 - kept.sum() / mask.sum() < 0.25
+    assert (drop_units(mask, 0.999999)[:, 0] == 1).all() and drop_units(mask, 0.999999)[:, 1:].sum() < 5
+
+    cfg = ModelConfig(embed_dim=32, word_dim=16, global_pool="max", block_dropout=0.5)
+    model = FBNet(cfg, vocab_size=20, feature_dim=24)
+    background, foreground = torch.randn(6, 14, 24), torch.randn(6, 3, 14, 24)
+    fg_mask = torch.tensor([[1, 1, 0]] * 6, dtype=torch.bool)
+    pooled = lambda: model.encode_images(background, foreground, fg_mask)[GLOBAL][0]  # noqa: E731
+    model.eval()
+    assert torch.equal(pooled(), pooled())  # evaluation pools every block
+    model.train()
+    assert not torch.equal(pooled(), pooled())  # training draws which blocks
+    with pytest.raises(ConfigError, match="block_dropout.*global_pool"):
+        FBNetConfig.from_dict({"model": {"block_dropout": 0.2}})

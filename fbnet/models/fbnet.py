@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..augment import drop_units
 from ..config import ModelConfig
 from ..windows import blocks_per_level, level_slices
 from .attention import cross_attention, grouped_cross_attention
@@ -85,7 +86,7 @@ class FBNet(nn.Module):
         self.text = nn.ModuleDict({
             BRANCH_KEY[b]: TextEncoder(vocab_size, cfg.word_dim, cfg.embed_dim) for b in self.branches
         })
-        self.global_pool = cfg.global_pool
+        self.global_pool, self.block_dropout = cfg.global_pool, cfg.block_dropout
         if self.global_pool:
             self.proj["G"] = nn.Linear(feature_dim, cfg.embed_dim)
             self.image_pool, self.text_pool = build_pool(self.global_pool), build_pool(self.global_pool)
@@ -138,7 +139,8 @@ class FBNet(nn.Module):
     def _pooled_image(self, background, foreground, fg_mask, static_shapes):
         """``S^G``'s image side: every block of both branches (real boxes' only), projected and
         pooled into one unit vector ``(N, 1, d)`` with mask ``(N, 1)``. As for F-Net, only real
-        boxes' blocks are projected (in training, half the units on Flickr8k)."""
+        boxes' blocks are projected (in training, half the units on Flickr8k). In training,
+        ``model.block_dropout`` leaves each block out of the pooling with that probability."""
         n, j, nb = foreground.shape[:3]
         proj = self.proj["G"]
         embed = lambda x: proj(F.normalize(x.float(), dim=-1))  # noqa: E731
@@ -146,6 +148,8 @@ class FBNet(nn.Module):
         units = torch.cat([embed(background), boxes.reshape(n, j * nb, -1)], dim=1)
         mask = torch.cat([torch.ones(n, nb, device=units.device),
                           fg_mask.to(torch.float32).repeat_interleave(nb, dim=1)], dim=1)
+        if self.training and self.block_dropout:
+            mask = drop_units(mask, self.block_dropout)
         pooled = self.image_pool(units, mask, static_shapes)
         return F.normalize(pooled, dim=-1).unsqueeze(1), torch.ones(n, 1, device=units.device)
 
