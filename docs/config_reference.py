@@ -42,7 +42,9 @@ synthetic set (`model.embed_dim: 256`, `model.backbone.name: detector`, ...); `c
 paper's and the Flickr8k recipe's. The file is validated at load (pydantic): a wrong type, a value
 out of range, a name no registry holds or an unknown key stops the run with one line naming the
 file and the key (`c.yaml: 'train.epochs': ...`).
-A list key also takes a single value (`branches: background`).
+A list key also takes a single value (`branches: background`). `fbnet train --set
+SECTION.KEY=VALUE` (repeatable) overrides one key of the file, read as YAML and checked the same
+way (`--set loss.name=triplet`).
 """
 
 
