@@ -4,8 +4,7 @@ VSE-infinity varies the size of the sets its GPO pools by dropping about 20% of 
 words of each training pair at every step, so that the pooling does not learn one set size.
 
 * Words (:func:`drop_words`, ``train.word_dropout``), for a Bi-GRU over word2vec ids: each word of
-  a caption is removed
-with probability ``rate`` (VSE-infinity also masks or replaces some words for its BERT
+  a caption is removed with probability ``rate`` (VSE-infinity also masks or replaces some words for its BERT
   encoder; a GRU has no mask token, so words are only removed), the kept words stay in order and
   at least one word stays. The overlapped text windows (eq. 4) are then laid over the shorter
   caption, and every branch reads it.

@@ -287,7 +287,7 @@ class FBNetConfig(_Section):
                 raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. loss.name=triplet")
             node = data
             for depth, part in enumerate(parts[:-1]):
-                node = node.setdefault(part, {}) if isinstance(node, dict) else None
+                node = node.setdefault(part, {})
                 if not isinstance(node, dict):
                     where = ".".join(parts[:depth + 1])
                     raise ConfigError(f"--set {assignment!r}: '{where}' is a value, not a section")

@@ -156,10 +156,10 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
             break
         model.train()
         order = np.random.default_rng([tc.seed, epoch]).permutation(n_pairs)
-        train_caps.rng = np.random.default_rng([tc.seed, epoch, 2] + ([group.rank] if group else []))
+        train_caps.rng = step_draws(tc.seed, epoch, 2, group)
         if finetune_top:  # frozen for the first epochs; one random cached view per image and step
             encoder.top().requires_grad_(epoch >= tc.backbone_frozen_epochs)
-            train_feats.rng = np.random.default_rng([tc.seed, epoch, 1] + ([group.rank] if group else []))
+            train_feats.rng = step_draws(tc.seed, epoch, 1, group)
         step_loss = data_parallel(batch_loss, group)  # rebuilt each epoch: the trained set may change
         epoch_cfg = cfg.model_copy(update={"loss": epoch_loss(cfg.loss, epoch)})  # a triplet warm-up
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not main_rank or None)
@@ -254,6 +254,12 @@ class BatchLoss(torch.nn.Module):
         positive = torch.from_numpy(same).to(device)
         loss_fn = pair_loss(cfg.loss)
         return sum(loss_fn(s, positive, cfg.loss) for s in sims.values())
+
+
+def step_draws(seed: int, epoch: int, stream: int, group: Group | None) -> np.random.Generator:
+    """The generator of one kind of per-step draw (1: cached views, 2: word dropout) for an epoch,
+    separate per torchrun process, so a resumed run repeats its epochs' draws."""
+    return np.random.default_rng([seed, epoch, stream] + ([group.rank] if group else []))
 
 
 def data_parallel(batch_loss: BatchLoss, group: Group | None) -> torch.nn.Module:

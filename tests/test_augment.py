@@ -1,5 +1,5 @@
-"""Word dropout (``train.word_dropout``, :mod:`fbnet.augment`): what a step's captions lose, and
-that only training captions lose it."""
+"""Size augmentation (:mod:`fbnet.augment`): what a step's captions lose (``train.word_dropout``)
+and which blocks the pooled global branch leaves out (``model.block_dropout``), in training only."""
 
 import json
 
