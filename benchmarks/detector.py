@@ -1,11 +1,14 @@
-"""The image query's detector: YOLOv3-tiny's input size (``model.detector.input_size``) and its
-INT8 copy, against today's 416 x 416, with what each costs in dev R@sum.
+"""The image query's detector: YOLOv3-tiny's input size (``model.detector.input_size``), its
+INT8 copy and distilled heads on MobileNetV2's maps, against today's 416 x 416, with what each
+costs in dev R@sum.
 
     python benchmarks/detector.py --checkpoint runs/flickr8k/best.pt [--sizes 416,320,224]
+        [--distilled runs/mobilenet-head.pt]
 
 For every size, the checkpoint is exported with ``fbnet export --detector-size SIZE``
 (``<work>/<size>/bundle``; ``--int8`` adds its ``fbnet export --int8`` copy, the detector
-quantized), and measured:
+quantized); every ``--distilled`` file (``fbnet distill-detector``) with ``fbnet export
+--detector FILE`` (``<work>/<file stem>/bundle``). Each is measured:
 
 * accuracy: the 1,000 dev images indexed with that bundle (the 5,000 dev captions beside them) and
   scored exhaustively by the runtime (``Retriever.score``, what two-stage re-ranks with), instance
@@ -34,6 +37,7 @@ import numpy as np
 from fbnet.atomic import atomic_write_text
 from fbnet.checkpoint import load_checkpoint
 from fbnet.data.manifest import load_dataset
+from fbnet.distill import agreement
 from fbnet.metrics import recall_at_k
 from fbnet.preprocess import load_image
 from fbnet.runtime.engine.backends import OnnxRuntimeBackend
@@ -50,16 +54,26 @@ HEADING = "## Image query: detector input size"
 AGREEMENT_PHOTOS = 200
 
 
-def variant_bundle(checkpoint: Path, size: int, int8: bool, work: Path) -> Path:
-    """The bundle of ``checkpoint`` with the detector run at ``size`` (and quantized if ``int8``)."""
-    folder = work / str(size)
+def variant_bundle(checkpoint: Path, variant: tuple, work: Path) -> Path:
+    """The bundle of ``checkpoint`` serving ``variant``: ``(size, int8)``, YOLOv3-tiny at ``size``
+    (quantized if ``int8``), or ``(file, False)``, the distilled detector in ``file``."""
+    what, int8 = variant
+    folder = work / (Path(what).stem if isinstance(what, str) else str(what))
     bundle = folder / "bundle"
     if not (bundle / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(checkpoint), "--out", str(bundle),
-                        "--detector-size", str(size)], check=True)
+        served = ["--detector", what] if isinstance(what, str) else ["--detector-size", str(what)]
+        subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(checkpoint), "--out", str(bundle), *served],
+                       check=True)
     if not int8:
         return bundle
     return int8_copy(bundle, folder / "bundle-int8")
+
+
+def label(variant: tuple) -> str:
+    what, int8 = variant
+    if isinstance(what, str):
+        return f"distilled head on MobileNetV2 (`{Path(what).name}`)"
+    return f"{what} x {what}{', INT8' if int8 else ''}"
 
 
 def dev_rsum(bundle_dir: Path, images: list[Path], captions: list[str], owner: np.ndarray) -> dict:
@@ -76,14 +90,6 @@ def dev_rsum(bundle_dir: Path, images: list[Path], captions: list[str], owner: n
     return {**r, "boxes": float(g.image_features.fg_mask.sum(axis=1).mean())}
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a (n, 4)`` with every box of ``b (m, 4)``, x1 y1 x2 y2."""
-    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
-
-
 def found_boxes(bundle_dir: Path, canvases: list[np.ndarray]) -> list[np.ndarray]:
     bundle = open_bundle(bundle_dir)
     retriever = Retriever(bundle, OnnxRuntimeBackend(bundle))
@@ -94,17 +100,12 @@ def found_boxes(bundle_dir: Path, canvases: list[np.ndarray]) -> list[np.ndarray
     return out
 
 
-def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> float:
-    """The share of the reference boxes that some box of ``other`` overlaps at IoU >= 0.5."""
-    hits = [(iou(r, o).max(axis=1) >= 0.5).sum() if len(o) else 0 for r, o in zip(reference, other)]
-    return float(sum(hits) / max(1, sum(len(r) for r in reference)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "flickr8k" / "best.pt")
     ap.add_argument("--sizes", default="416,320,224", help="detector input sizes (multiples of 32; 416 first)")
     ap.add_argument("--int8", default="416,224", help="sizes that also get an INT8 detector ('' for none)")
+    ap.add_argument("--distilled", default="", help="comma-separated detector files of fbnet distill-detector")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-detector")
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=60)
@@ -114,13 +115,14 @@ def main() -> None:
     if not args.checkpoint.is_file():
         sys.exit(f"{args.checkpoint}: no checkpoint; train one first (README, Flickr8k)")
     sizes = [int(s) for s in args.sizes.split(",")]
-    variants = [(s, False) for s in sizes] + [(int(s), True) for s in args.int8.split(",") if s]
+    variants = [(s, False) for s in sizes] + [(int(s), True) for s in args.int8.split(",") if s] + \
+        [(str(Path(f).resolve()), False) for f in args.distilled.split(",") if f]
     dataset = load_dataset(load_checkpoint(args.checkpoint)["data_root"])
     items = dataset.split("val")
     images = [Path(it.image) for it in items]
     captions = [c for it in items for c in it.captions]
     owner = np.repeat(np.arange(len(items)), [len(it.captions) for it in items])
-    bundles = {v: variant_bundle(args.checkpoint, *v, args.work) for v in variants}
+    bundles = {v: variant_bundle(args.checkpoint, v, args.work) for v in variants}
 
     results = {}
     canvases = [load_image(p, 224) for p in images[:AGREEMENT_PHOTOS]]
@@ -140,10 +142,13 @@ def main() -> None:
 
     base = results[variants[0]]
     lines = [HEADING, "",
-             f"`python benchmarks/detector.py --checkpoint {args.checkpoint} --sizes {args.sizes} --int8 {args.int8}` "
+             f"`python benchmarks/detector.py --checkpoint {args.checkpoint} --sizes {args.sizes} --int8 {args.int8}"
+             f"{' --distilled ' + args.distilled if args.distilled else ''}` "
              f"({machine()}). The recipe's checkpoint exported with YOLOv3-tiny at each input size "
-             "(`fbnet export --detector-size`; the Flickr8k canvas is 224 x 224) and, where marked, its detector "
-             "quantized (`fbnet export --int8`, minmax calibration). Dev R@sum: the 1,000 dev images indexed "
+             "(`fbnet export --detector-size`; the Flickr8k canvas is 224 x 224), where marked with its detector "
+             "quantized (`fbnet export --int8`, minmax calibration), and with a distilled detector head on "
+             "MobileNetV2's own maps (`fbnet distill-detector`, then `fbnet export --detector`). "
+             "Dev R@sum: the 1,000 dev images indexed "
              "with each bundle and all 5,000 captions, scored exhaustively by the runtime; the weights were "
              f"trained on the 416 detector's boxes and are not retrained. Box agreement: the first {AGREEMENT_PHOTOS} "
              "dev photos, the share of the 416 detector's boxes that a box of the variant overlaps at IoU >= 0.5. "
@@ -152,8 +157,8 @@ def main() -> None:
              "| detector | decode ms | detector ms | image encoder ms | two-stage image query ms | boxes / photo "
              "| box agreement | dev R@sum | vs 416 float32 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (size, int8), r in results.items():
-        lines.append(f"| {size} x {size}{', INT8' if int8 else ''} | {r['decode']:.2f} | {r['detector']:.2f} | "
+    for v, r in results.items():
+        lines.append(f"| {label(v)} | {r['decode']:.2f} | {r['detector']:.2f} | "
                      f"{r['image encoder']:.2f} | {r['two-stage image query']:.1f} | {r['boxes']:.2f} | "
                      f"{r['agreement']:.3f} | {r['rsum']:.1f} | {r['rsum'] - base['rsum']:+.1f} |")
     section = "\n".join(lines + [""])

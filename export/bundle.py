@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fbnet.atomic import atomic_dir
-from fbnet.checkpoint import library_versions, load_checkpoint, with_detector_size
+from fbnet.checkpoint import as_exported, library_versions, load_checkpoint
 from fbnet.data.manifest import DatasetError, load_dataset
 from fbnet.evaluate import load_model
 from fbnet.models.detector import detect
@@ -31,7 +31,7 @@ from fbnet.runtime.engine.bundle import sha256
 from fbnet.runtime.engine.manifest import Engines, GraphSpec, Manifest, ModelSpec, Preprocess, TensorSpec
 from fbnet.windows import image_block_boxes
 
-from .graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph, graph_io, key_name
+from .graphs import DetectorGraph, ImageEncoderGraph, ScorerGraph, TextEncoderGraph, graph_io, key_name, shared_stage
 from .onnx_export import DEFAULT_OPSET, ExportError, compare, export_graph, input_specs, output_specs
 from .ort_optimize import save_optimized
 from .tensorrt import build_engines, tensorrt_status
@@ -65,33 +65,42 @@ def sample_inputs(ckpt: dict, cfg, detector, n: int = 3):
 
 
 def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, opset: int = DEFAULT_OPSET,
-                  log=print, detector_size: int | None = None) -> Path:
+                  log=print, detector_size: int | None = None, detector_file: str | Path | None = None) -> Path:
     """``detector_size``: run YOLOv3-tiny at that input size instead of the checkpoint's
-    (:func:`~fbnet.checkpoint.with_detector_size`); the manifest records it with the source
-    checkpoint, and ``fbnet parity`` compares against PyTorch with the same detector."""
+    (:func:`~fbnet.checkpoint.with_detector_size`); ``detector_file``: serve that distilled
+    detector instead (:func:`~fbnet.checkpoint.with_detector_file`). The manifest records either
+    with the source checkpoint, and ``fbnet parity`` compares against PyTorch with the same detector."""
     ckpt_path, out = Path(ckpt_path), Path(out)
-    ckpt = with_detector_size(load_checkpoint(ckpt_path), detector_size, ckpt_path)
+    served = {**({"detector_size": detector_size} if detector_size else {}),
+              **({"detector_file": str(Path(detector_file).resolve())} if detector_file else {})}
+    ckpt = as_exported(load_checkpoint(ckpt_path), served, ckpt_path)
+    if detector_file:
+        served["detector_file_sha256"] = sha256(Path(detector_file))
     cfg, model, vocab, fusion = load_model(ckpt)
     detector, encoder = frozen_from_checkpoint(cfg, ckpt)
-    io = graph_io(model)
+    shared = shared_stage(detector, encoder)
+    io = graph_io(model, shared is not None)
     images, block_boxes, fg_mask, captions, source = sample_inputs(ckpt, cfg, detector)
     ids, lengths = (torch.from_numpy(a) for a in vocab.encode_batch(captions, cfg.data.max_words))
-    log(f"checking graphs against PyTorch on {source}")
+    log(f"checking graphs against PyTorch on {source}" +
+        (f"; the image encoder starts from the detector's map after MobileNetV2's first {shared} modules"
+         if shared else ""))
 
-    image_graph = ImageEncoderGraph(encoder, model).eval()
+    image_graph = ImageEncoderGraph(encoder, model, shared).eval()
     text_graph = TextEncoderGraph(model).eval()
     with torch.no_grad():
-        blocks = image_graph(images, block_boxes, fg_mask)
+        first = detector.maps(images)[-1] if shared else images
+        blocks = image_graph(first, block_boxes, fg_mask)
         windows = text_graph(ids, lengths)
     graphs = {
-        "image_encoder": (image_graph, (images, block_boxes, fg_mask)),
+        "image_encoder": (image_graph, (first, block_boxes, fg_mask)),
         "text_encoder": (text_graph, (ids, lengths)),
         "scorer": (ScorerGraph(model, fusion).eval(), (fg_mask, *blocks, *windows)),
         # few captions against many images (re-ranking a text query): checked on such a shape
         "reranker": (ScorerGraph(model, fusion, "direct").eval(), (fg_mask, *blocks, *(w[:2] for w in windows))),
     }
     if detector is not None:
-        graphs = {"detector": (DetectorGraph(detector).eval(), (images[:1],)), **graphs}
+        graphs = {"detector": (DetectorGraph(detector, shared is not None).eval(), (images[:1],)), **graphs}
 
     with atomic_dir(out) as tmp:
         checks, specs = {}, {}
@@ -136,8 +145,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
             engines=Engines(note, engines),
             export_check=checks,
             validation_metrics=ckpt.get("val_metrics"),
-            source_checkpoint={"path": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path),
-                               **({"detector_size": detector_size} if detector_size else {})},
+            source_checkpoint={"path": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path), **served},
             versions={**library_versions(), "onnx": __import__("onnx").__version__,
                       "onnxruntime": __import__("onnxruntime").__version__},
             files={p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()},

@@ -1,8 +1,12 @@
 """The deployable graphs a checkpoint splits into, as torch modules ready for ONNX export.
 
 * :class:`DetectorGraph`: ``image (1, 3, S, S)`` -> ``boxes (1, J, 4)``, ``scores (1, J)``: the
-  top J detections with score >= threshold, zero-padded (post-processing inside the graph).
-* :class:`ImageEncoderGraph`: ``image (N, 3, S, S)`` + ``block_boxes (N, (1+J)*B, 4)`` +
+  top J detections with score >= threshold, zero-padded (post-processing inside the graph). When
+  the detector is the distilled head on MobileNetV2 (:mod:`fbnet.models.mobilenet_head`) and its
+  frozen layers are the image encoder's, it also returns its last map, ``lower (1, 160, S/32,
+  S/32)``, and the image encoder starts from it (:func:`shared_stage`): MobileNetV2's first 17
+  modules then run once per photo, not twice.
+* :class:`ImageEncoderGraph`: ``image (N, 3, S, S)`` (or ``lower``) + ``block_boxes (N, (1+J)*B, 4)`` +
   ``fg_mask (N, J)`` -> unit block embeddings per branch and level, ``blocks_B1`` ... ``blocks_F3``
   (cropping by RoIAlign, or in ``roi`` mode pooling as a product with RoIAlign's weights, inside
   the graph). J is dynamic (any count up to the bundle's J): the runtime feeds only the box slots
@@ -25,6 +29,7 @@ from torch import nn
 
 from fbnet.models.backbone import BlockEncoder
 from fbnet.models.fbnet import BRANCH_KEY, Fusion
+from fbnet.models.mobilenet_head import STAGES, MobileNetHeadDetector
 from fbnet.windows import blocks_per_level, blocks_upto
 
 
@@ -32,30 +37,58 @@ def key_name(prefix: str, branch: str, level: int) -> str:
     return f"{prefix}_{BRANCH_KEY[branch]}{level}"
 
 
+def shared_stage(detector, encoder: BlockEncoder) -> int | None:
+    """How many MobileNetV2 modules the detector's last map and the image encoder's frozen trunk
+    have in common, when the image encoder can start from that map: the detector is the distilled
+    head, the encoder pools MobileNetV2 (``roi`` mode) and freezes at least those modules, and their
+    weights are equal. None otherwise (each graph then runs its own CNN on the image)."""
+    end = STAGES[-1][1]
+    if not isinstance(detector, MobileNetHeadDetector) or encoder.cfg.name != "mobilenet_v2" \
+            or encoder.cfg.mode != "roi" or encoder.split_at < end:
+        return None
+    mine = [t for stage in detector.stages for t in stage.state_dict().values()]
+    theirs = list(encoder.trunk[:end].state_dict().values())
+    same = len(mine) == len(theirs) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs))
+    return end if same else None
+
+
 class DetectorGraph(nn.Module):
-    def __init__(self, detector):
+    def __init__(self, detector, share_lower: bool = False):
+        """``share_lower``: also return the detector's last map (see :func:`shared_stage`)."""
         super().__init__()
-        self.detector = detector
+        self.detector, self.share_lower = detector, share_lower
         self.j, self.threshold = detector.max_boxes, detector.score_threshold
 
     def forward(self, image: torch.Tensor):
-        found_boxes, found_scores = self.detector.detections(image[0])
+        if self.share_lower:
+            maps = self.detector.maps(image)
+            found_boxes, found_scores = self.detector.kept(maps, image.shape[-1])[0]
+        else:
+            found_boxes, found_scores = self.detector.detections(image[0])
         # pad with zeros, then keep the first J: no data-dependent shapes leave the graph
         boxes = torch.cat([found_boxes, torch.zeros(self.j, 4)], dim=0)[: self.j]
         scores = torch.cat([found_scores, torch.zeros(self.j)], dim=0)[: self.j]
         keep = (scores >= self.threshold).to(scores.dtype)
-        return (boxes * keep.unsqueeze(1)).unsqueeze(0), (scores * keep).unsqueeze(0)
+        out = ((boxes * keep.unsqueeze(1)).unsqueeze(0), (scores * keep).unsqueeze(0))
+        return (*out, maps[-1]) if self.share_lower else out
 
 
 class ImageEncoderGraph(nn.Module):
-    def __init__(self, encoder: BlockEncoder, model):
+    def __init__(self, encoder: BlockEncoder, model, shared: int | None = None):
+        """``shared``: the graph's first input is the detector's map after this many MobileNetV2
+        modules (:func:`shared_stage`), not the image."""
         super().__init__()
-        self.encoder, self.model = encoder, model
+        self.encoder, self.model, self.shared = encoder, model, shared
 
-    def forward(self, image: torch.Tensor, block_boxes: torch.Tensor, fg_mask: torch.Tensor):
-        n, j, nb = image.shape[0], fg_mask.shape[1], blocks_upto(self.model.levels)
-        feats = self.encoder(image, block_boxes).reshape(n, 1 + j, nb, -1)
-        regions = block_boxes.reshape(n, 1 + j, nb, 4)[:, 1:, 0] / image.shape[-1]  # F-Net boxes, level 1
+    def forward(self, first: torch.Tensor, block_boxes: torch.Tensor, fg_mask: torch.Tensor):
+        n, j, nb = first.shape[0], fg_mask.shape[1], blocks_upto(self.model.levels)
+        if self.shared is None:
+            feats = self.encoder(first, block_boxes)
+        else:
+            feats = self.encoder.pool_blocks(self.encoder.trunk[self.shared: self.encoder.split_at](first), block_boxes)
+        feats = feats.reshape(n, 1 + j, nb, -1)
+        # F-Net boxes, level 1, as fractions of the canvas
+        regions = block_boxes.reshape(n, 1 + j, nb, 4)[:, 1:, 0] / self.encoder.cfg.image_size
         enc = self.model.encode_images(feats[:, 0], feats[:, 1:], fg_mask, regions, static_shapes=True)
         return tuple(enc[k][0] for k in self.model.keys)
 
@@ -92,8 +125,9 @@ class ScorerGraph(nn.Module):
         return (self.model.fuse(sims, self.fusion), *(sims[k] for k in keys))
 
 
-def graph_io(model) -> dict[str, dict]:
-    """Input/output names and dynamic axes of every graph (what the manifest records)."""
+def graph_io(model, shared: bool = False) -> dict[str, dict]:
+    """Input/output names and dynamic axes of every graph (what the manifest records); ``shared``:
+    the detector passes its last map to the image encoder (:func:`shared_stage`)."""
     keys = model.keys
     blocks = [key_name("blocks", *k) for k in keys]
     windows = [key_name("windows", *k) for k in keys]
@@ -101,6 +135,7 @@ def graph_io(model) -> dict[str, dict]:
     text_axes = {key_name("windows", *k): ({0: "captions", 1: "words"} if k in model.word_keys else {0: "captions"})
                  for k in keys}
     sims = [key_name("sim", *k) for k in keys]
+    first = "lower" if shared else "image"
     # the box axis is dynamic too: the runtime encodes only the box slots a batch uses and scores
     # gallery chunks grouped by box count, each cut to its count (F-Net level u has u**2 blocks a
     # box: axis "box_blocks_<u>")
@@ -111,9 +146,10 @@ def graph_io(model) -> dict[str, dict]:
               "dynamic": {**block_axes, **text_axes,
                           **{n: {0: "images", 1: "captions"} for n in ["similarity", *sims]}}}
     return {
-        "detector": {"inputs": ["image"], "outputs": ["boxes", "scores"], "dynamic": {}},
-        "image_encoder": {"inputs": ["image", "block_boxes", "fg_mask"], "outputs": blocks,
-                          "dynamic": {"image": {0: "images"}, "block_boxes": {0: "images", 1: "region_blocks"},
+        "detector": {"inputs": ["image"], "outputs": ["boxes", "scores", *(["lower"] if shared else [])],
+                     "dynamic": {}},
+        "image_encoder": {"inputs": [first, "block_boxes", "fg_mask"], "outputs": blocks,
+                          "dynamic": {first: {0: "images"}, "block_boxes": {0: "images", 1: "region_blocks"},
                                       **block_axes}},
         "text_encoder": {"inputs": ["ids", "lengths"], "outputs": windows,
                          "dynamic": {"ids": {0: "captions", 1: "words"}, "lengths": {0: "captions"},

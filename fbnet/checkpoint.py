@@ -76,3 +76,37 @@ def with_detector_size(ckpt: dict, size: int | None, source: str | Path = "check
     out = {**ckpt, "config": copy.deepcopy(ckpt["config"])}
     out["config"]["model"]["detector"]["input_size"] = size
     return out
+
+
+def with_detector_file(ckpt: dict, path: str | Path | None, source: str | Path = "checkpoint") -> dict:
+    """``ckpt`` serving the distilled detector at ``path`` (``fbnet distill-detector``; ``fbnet export
+    --detector``) instead of the one it was trained with; ``ckpt`` itself when ``path`` is None. The
+    file must keep the checkpoint's J boxes and work on its canvas. As with ``--detector-size``, the
+    weights were trained on the old detector's boxes: BENCHMARKS.md ("Image query: detector input
+    size") measures what serving other boxes costs in dev R@sum."""
+    if path is None:
+        return ckpt
+    from .models.mobilenet_head import read_distilled
+
+    data = read_distilled(path)
+    model = ckpt["config"]["model"]
+    if model["backbone"]["name"] == "detector":
+        raise CheckpointError(f"{path}: {source} pools its blocks from its own detector's trunk (backbone: detector), "
+                              "which a distilled detector cannot replace")
+    if data["detector"]["max_boxes"] != model["detector"]["max_boxes"]:
+        raise CheckpointError(f"{path}: keeps {data['detector']['max_boxes']} boxes per image, but {source} was "
+                              f"trained with J = {model['detector']['max_boxes']}")
+    if data["canvas"] != model["backbone"]["image_size"]:
+        raise CheckpointError(f"{path}: distilled on a {data['canvas']} px canvas, but {source} resizes photos to "
+                              f"{model['backbone']['image_size']} px")
+    out = {**ckpt, "config": copy.deepcopy(ckpt["config"]), "detector": data["state_dict"]}
+    out["config"]["model"]["detector"].update(data["detector"], weights=str(Path(path).resolve()), input_size=0)
+    return out
+
+
+def as_exported(ckpt: dict, record: dict | None, source: str | Path = "checkpoint") -> dict:
+    """``ckpt`` with the detector a bundle serves, from its manifest's ``source_checkpoint`` record
+    (``detector_size`` or ``detector_file``, what ``fbnet export`` was given)."""
+    record = record or {}
+    return with_detector_file(with_detector_size(ckpt, record.get("detector_size"), source),
+                              record.get("detector_file"), source)

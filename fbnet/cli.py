@@ -148,6 +148,29 @@ def train(data_dir, config, out, resume, epochs, word_vectors, overrides):
                f"\ntotal time {time.time() - t0:.0f}s")
 
 
+@main.command("distill-detector")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="dataset whose train images teach the head and whose dev images select it")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="its model.detector is the teacher; its model.backbone.weights the MobileNetV2 weights")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="the detector file (.pt)")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override one config value")
+def distill_detector_cmd(data_dir, config, out, epochs, overrides):
+    """Distil the config's detector (the teacher) into a light head on MobileNetV2's own maps
+    (model.detector.name: mobilenet_v2_head); the dev epoch with the best box F1 is kept."""
+    cfg = FBNetConfig.load(config).with_overrides(overrides)
+    from .data.manifest import load_dataset
+    from .distill import distill_detector
+
+    info = distill_detector(cfg, load_dataset(data_dir), out, epochs=epochs, echo=click.echo)
+    best = info["best"]
+    click.echo(f"wrote {out}: epoch {best['epoch']}, dev recall {best['recall']:.3f}, precision "
+               f"{best['precision']:.3f} against the teacher\nserve it: fbnet export CHECKPOINT --out BUNDLE "
+               f"--detector {out}\ntrain with it: --set model.detector.name=mobilenet_v2_head "
+               f"--set model.detector.weights={out}")
+
+
 @main.command("evaluate")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), show_default=True)
@@ -216,8 +239,11 @@ def info_cmd(path):
 @click.option("--detector-size", type=int, help="run YOLOv3-tiny at this input size (a multiple of 32) instead of the "
               "checkpoint's: a faster image query, with boxes the weights were not trained on (BENCHMARKS.md, "
               "'Image query: detector input size')")
+@click.option("--detector", "detector_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="serve this distilled detector (fbnet distill-detector) instead of the checkpoint's: boxes "
+                   "from MobileNetV2's own maps, which the weights were not trained on (BENCHMARKS.md)")
 def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, triton_max_batch, int8,
-               int8_graphs, calibration_images, calibration_method, detector_size):
+               int8_graphs, calibration_images, calibration_method, detector_size, detector_file):
     """Split a checkpoint (SOURCE) into ONNX graphs (+ TensorRT engines) in a bundle directory; an
     ensemble file (.yaml/.json, `fbnet ensemble`) into an ensemble bundle of every member's."""
     from fbnet.ensemble import is_ensemble
@@ -230,20 +256,23 @@ def export_cmd(source, out, fp16, opset, engines_only, triton_repo, gallery, tri
     if (source / "manifest.json").is_file() or is_ensemble_bundle(source):  # already a bundle
         if triton_repo is None and not int8 and not engines_only:
             raise click.UsageError("SOURCE is a bundle: give --triton REPO, --int8 or --engines-only")
-        if detector_size is not None:
-            raise click.UsageError("--detector-size takes a checkpoint; SOURCE is a bundle")
+        if detector_size is not None or detector_file is not None:
+            raise click.UsageError("--detector-size and --detector take a checkpoint; SOURCE is a bundle")
         out = source
     elif engines_only:
         raise click.UsageError("--engines-only takes a bundle directory (SOURCE)")
     elif out is None:
         raise click.UsageError("give --out BUNDLE")
-    elif detector_size is not None and is_ensemble(source):
-        raise click.UsageError("--detector-size takes a checkpoint, not an ensemble file")
+    elif (detector_size is not None or detector_file is not None) and is_ensemble(source):
+        raise click.UsageError("--detector-size and --detector take a checkpoint, not an ensemble file")
+    elif detector_size is not None and detector_file is not None:
+        raise click.UsageError("give --detector-size (YOLOv3-tiny's input) or --detector (a distilled one), not both")
     elif is_ensemble(source):
         export_ensemble_bundle(source, out, fp16=fp16, opset=opset, log=click.echo)
         click.echo(f"wrote ensemble bundle {out}")
     else:
-        export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo, detector_size=detector_size)
+        export_bundle(source, out, fp16=fp16, opset=opset, log=click.echo, detector_size=detector_size,
+                      detector_file=detector_file)
         click.echo(f"wrote bundle {out}")
     ensemble = is_ensemble_bundle(out)
     models = member_dirs(out) if ensemble else [out]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, with_detector_size
+from .checkpoint import as_exported, load_checkpoint
 from .data.manifest import load_dataset
 from .ensemble import EnsembleError, combine, is_ensemble, load_ensemble, member_checkpoints
 from .evaluate import load_model
@@ -59,10 +59,9 @@ def run_parity(source, bundle_path, split: str = "test", backend: str = "auto", 
     dataset = load_dataset(data or members[0]["data_root"])
     items = dataset.split(split)[:limit]
     bundles = getattr(retriever.bundle, "members", [retriever.bundle])
-    # a bundle exported with --detector-size runs its detector at that size: so does PyTorch here
-    sizes = [(b.manifest.source_checkpoint or {}).get("detector_size") for b in bundles]
-    parts = [pytorch_scores(with_detector_size(ckpt, size), items, dataset.has_labels, split)
-             for ckpt, size in zip(members, sizes)]
+    # a bundle exported with --detector-size or --detector runs that detector: so does PyTorch here
+    parts = [pytorch_scores(as_exported(ckpt, b.manifest.source_checkpoint), items, dataset.has_labels, split)
+             for ckpt, b in zip(members, bundles)]
     torch_scores, caps = combine([p[0] for p in parts], weights), parts[0][1]
     captions = [c for it in items for c in it.captions]
     runtime_scores = retriever.score(retriever.encode_images([it.image for it in items]),

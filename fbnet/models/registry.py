@@ -64,6 +64,7 @@ DETECTORS = {
     "fasterrcnn": "fbnet.models.fasterrcnn:TorchvisionDetector",
     "fasterrcnn_light": "fbnet.models.fasterrcnn:TorchvisionDetector",
     "yolov3_tiny": "fbnet.models.yolo:YoloDetector",
+    "mobilenet_v2_head": "fbnet.models.mobilenet_head:MobileNetHeadDetector",
     "none": None,
 }
 

@@ -2,7 +2,8 @@
 
 Images: decode + resize to the canvas (:mod:`fbnet.preprocess`), ``detector`` (one image at a
 time: its input is static), window boxes of both branches (:mod:`fbnet.windows`, the code
-training used), then ``image_encoder`` in batches. Captions: the bundle's vocabulary, then
+training used), then ``image_encoder`` in batches (on the images, or on the detector's last maps
+where the two share MobileNetV2's layers). Captions: the bundle's vocabulary, then
 ``text_encoder`` in batches. Scores: ``scorer`` over chunks of images x captions.
 """
 
@@ -55,6 +56,9 @@ class Retriever:
         self.dynamic_boxes = takes_any_box_count(bundle.graph("scorer")) and "F1" in self.keys
         #: whether the image encoder takes any box count (bundles exported before that take exactly J)
         self.encoder_cuts_boxes = takes_any_box_count(bundle.graph("image_encoder"))
+        #: whether the image encoder starts from the detector's last map instead of the image
+        #: (a distilled MobileNetV2 head sharing its layers: ``fbnet.export.graphs.shared_stage``)
+        self.shares_lower = "lower" in self.inputs["image_encoder"]
 
     def lane(self) -> Retriever | None:
         """This retriever on one-thread ONNX Runtime CPU sessions (a re-rank lane of
@@ -71,10 +75,15 @@ class Retriever:
 
     # -- images -------------------------------------------------------------------------
     def detect(self, canvas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._detect(canvas)[:2]
+
+    def _detect(self, canvas: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Boxes ``(J, 4)`` and scores ``(J,)`` on one canvas, and the detector's last map ``(1, C,
+        h, w)`` when the image encoder starts from it (``lower``)."""
         if self.bundle.graph("detector") is None:
             return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
-        boxes, scores = self.backend.run("detector", {"image": canvas[None]})
-        return boxes[0], scores[0]
+        boxes, scores, *lower = self.backend.run("detector", {"image": canvas[None]})
+        return (boxes[0], scores[0], *lower)
 
     def image_encoder_feeds(self, canvases: np.ndarray) -> dict[str, np.ndarray]:
         """Detect, then lay both branches' window boxes: the ``image_encoder`` inputs for ``canvases``,
@@ -82,14 +91,16 @@ class Retriever:
         slots would be pooled, projected and sorted for nothing (a third of the image encoder's time
         on a Flickr8k photo, BENCHMARKS "Image query: detector input size")."""
         size = canvases.shape[-1]
-        per = [image_block_boxes(size, *self.detect(c), self.levels, self.max_boxes) for c in canvases]
+        found = [self._detect(c) for c in canvases]
+        per = [image_block_boxes(size, f[0], f[1], self.levels, self.max_boxes) for f in found]
         block_boxes, fg_mask = np.stack([p[0] for p in per]), np.stack([p[1] for p in per])
         if self.encoder_cuts_boxes:
             used = max(1, int(fg_mask.sum(axis=1).max()))  # real boxes come first
             block_boxes = block_boxes[:, : (1 + used) * blocks_upto(self.levels)]
             fg_mask = fg_mask[:, :used]
-        return {"image": canvases.astype(np.float32), "block_boxes": as_float32(block_boxes),
-                "fg_mask": as_float32(fg_mask)}
+        first = {"lower": np.concatenate([f[2] for f in found])} if self.shares_lower else \
+            {"image": canvases.astype(np.float32)}
+        return {**first, "block_boxes": as_float32(block_boxes), "fg_mask": as_float32(fg_mask)}
 
     def encode_canvases(self, canvases: np.ndarray) -> ImageFeatures:
         return self.encode_feeds(self.image_encoder_feeds(canvases))
@@ -103,11 +114,11 @@ class Retriever:
     @property
     def boxes_key(self) -> tuple:
         """What decides :meth:`image_encoder_feeds`: the detector graph (its sha256), the window
-        layout and whether the feeds are cut to the used box slots. Retrievers with equal keys lay
-        the same boxes on a canvas."""
+        layout, whether the feeds are cut to the used box slots and whether they carry the
+        detector's map. Retrievers with equal keys make the same feeds from a canvas."""
         detector = self.bundle.graph("detector")
         return (self.bundle.manifest.files.get(detector.file) if detector else None, self.levels, self.max_boxes,
-                self.encoder_cuts_boxes)
+                self.encoder_cuts_boxes, self.shares_lower)
 
     def encode_images(self, paths: list[str | Path]) -> ImageFeatures:
         batches = canvas_batches(paths, self.bundle.canvas, self.batch_size)
