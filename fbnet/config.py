@@ -101,7 +101,9 @@ class BackboneConfig(_Section):
 
 class DetectorConfig(_Section):
     #: ``fasterrcnn`` (the paper's choice; torchvision), ``fasterrcnn_light`` (small backbone,
-    #: trained on the dataset's boxes in minutes on a CPU) or ``none`` (whole image as the box).
+    #: trained on the dataset's boxes in minutes on a CPU), ``yolov3_tiny`` (Darknet files),
+    #: ``mobilenet_v2_head`` (a head on MobileNetV2's maps that ``fbnet distill-detector`` trains;
+    #: ``weights`` is its file) or ``none`` (whole image as the box).
     name: str = "fasterrcnn_light"
     _known = field_validator("name")(_registered(DETECTORS, "detector"))
     #: Optional detector state_dict path; when empty and the dataset has boxes, it is fine-tuned.
