@@ -209,6 +209,10 @@ def distill_detector(cfg: FBNetConfig, dataset: Dataset, out: str | Path, epochs
             data[split].save(cache, split_key)
     train, dev = data["train"], data["val"]
     found = train.boxes[train.scores > 0]
+    if len(found) < student.anchors[..., 0].numel():
+        raise ConfigError(f"model.detector {m.detector.name!r} kept {len(found)} boxes on the {len(train.boxes)} "
+                          f"training images of {dataset.root}: too few to teach a detector (threshold "
+                          f"{m.detector.score_threshold})")
     student.anchors.copy_(torch.from_numpy(kmeans_anchors(found, student.anchors[..., 0].numel(), seed=seed))
                           .view_as(student.anchors))
     opt = torch.optim.AdamW(student.heads.parameters(), lr, weight_decay=1e-4)

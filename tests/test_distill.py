@@ -217,3 +217,16 @@ def test_bad_detector_files_get_one_line(mobilenet_run, tiny_run, distilled, tmp
     res = runner.invoke(main, ["export", str(mobilenet_run / "run" / "best.pt"), "--out", str(tmp_path / "x"),
                                "--detector", str(distilled), "--detector-size", "160"])
     assert res.exit_code != 0 and "not both" in res.output
+
+
+@pytest.mark.parametrize("model, message", [
+    ("backbone: {name: mobilenet_v2}\n  detector: {name: none}", "needs a teacher detector"),
+    ("backbone: {name: resnet18}\n  detector: {name: fasterrcnn_light}", "the head runs on MobileNetV2"),
+])
+def test_distill_refuses_configs_without_a_teacher_or_mobilenet(tiny_synth, tmp_path, model, message):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model:\n  {model}\n")
+    res = CliRunner().invoke(main, ["distill-detector", "--data", str(tiny_synth), "--config", str(cfg),
+                                    "--out", str(tmp_path / "head.pt")])
+    assert res.exit_code != 0 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "head.pt").exists()
