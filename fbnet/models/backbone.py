@@ -38,14 +38,20 @@ class WeightsError(FbnetError, ValueError):
     """Backbone or detector weights cannot be loaded; the message names the file."""
 
 
-def load_state_dict_file(path: str | Path) -> dict:
+def load_torch_file(path: str | Path, what: str = "weights file"):
+    """What ``torch.load`` reads from ``path`` (tensors and plain containers only), or one
+    :class:`WeightsError` naming the file: ``what`` not found, or not a readable torch file."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+        raise WeightsError(f"{path}: {what} not found")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"{path}: not a readable torch state_dict ({exc})") from None
+        raise WeightsError(f"{path}: not a readable torch file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    sd = load_torch_file(path)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

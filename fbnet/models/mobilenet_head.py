@@ -32,7 +32,7 @@ from torchvision.ops import nms
 
 from ..config import DetectorConfig
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .backbone import WeightsError, build_torchvision, load_state_dict_file
+from .backbone import WeightsError, build_torchvision, load_torch_file
 from .detector import Detector
 
 #: MobileNetV2 ``features`` index ranges whose outputs the heads read: ``[0, 14)`` ends at the
@@ -75,8 +75,7 @@ class MobileNetHeadDetector(Detector):
         gives random weights (tests). ``num_classes`` is unused: the head is class-agnostic."""
         det = cls(cfg.max_boxes, cfg.score_threshold)
         if cfg.weights:
-            read_distilled(cfg.weights)
-            det.load_state_dict(load_state_dict_file(cfg.weights))
+            det.load_state_dict(read_distilled(cfg.weights)["state_dict"])
         return det.eval()
 
     def train(self, mode: bool = True):
@@ -137,13 +136,7 @@ def read_distilled(path: str | Path) -> dict:
     """A file :mod:`fbnet.distill` wrote: ``state_dict``, ``detector`` (the ``model.detector`` keys
     it serves: name, max_boxes, score_threshold), ``canvas`` and ``distillation`` (its teacher and
     dev agreement). Anything else is refused with one line naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: distilled detector not found (fbnet distill-detector writes one)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: not a readable torch file ({str(exc).splitlines()[0][:200]})") from None
+    data = load_torch_file(path, "distilled detector")
     if not isinstance(data, dict) or data.get("kind") != KIND:
         raise WeightsError(f"{path}: not a distilled detector (fbnet distill-detector writes one)")
     return data
