@@ -208,13 +208,13 @@ def distill_detector(cfg: FBNetConfig, dataset: Dataset, out: str | Path, epochs
             data[split] = teacher_targets(items, teacher, student, size, desc=f"teacher[{split}]")
             data[split].save(cache, split_key)
     train, dev = data["train"], data["val"]
-    found = train.boxes[train.scores > 0]
-    if len(found) < student.anchors[..., 0].numel():
-        raise ConfigError(f"model.detector {m.detector.name!r} kept {len(found)} boxes on the {len(train.boxes)} "
-                          f"training images of {dataset.root}: too few to teach a detector (threshold "
-                          f"{m.detector.score_threshold})")
-    student.anchors.copy_(torch.from_numpy(kmeans_anchors(found, student.anchors[..., 0].numel(), seed=seed))
-                          .view_as(student.anchors))
+    teacher_boxes, n_anchors = train.boxes[train.scores > 0], student.anchors[..., 0].numel()
+    if len(teacher_boxes) < n_anchors:
+        raise ConfigError(f"model.detector {m.detector.name!r} kept {len(teacher_boxes)} boxes on the "
+                          f"{len(train.boxes)} training images of {dataset.root}: too few to teach a detector "
+                          f"(threshold {m.detector.score_threshold})")
+    anchors = kmeans_anchors(teacher_boxes, n_anchors, seed=seed)
+    student.anchors.copy_(torch.from_numpy(anchors).view_as(student.anchors))
     opt = torch.optim.AdamW(student.heads.parameters(), lr, weight_decay=1e-4)
     steps = epochs * -(-len(train.boxes) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -232,13 +232,13 @@ def distill_detector(cfg: FBNetConfig, dataset: Dataset, out: str | Path, epochs
             opt.step()
             sched.step()
             losses.append(loss.item())
-        found = dev_agreement(student, dev, size)
-        better = best is None or found["f1"] > best["f1"]
-        echo(f"epoch {epoch}: loss {np.mean(losses):.3f}  dev recall {found['recall']:.3f}  precision "
-             f"{found['precision']:.3f}  F1 {found['f1']:.3f}  boxes/photo {found['boxes']:.2f}"
+        on_dev = dev_agreement(student, dev, size)
+        better = best is None or on_dev["f1"] > best["f1"]
+        echo(f"epoch {epoch}: loss {np.mean(losses):.3f}  dev recall {on_dev['recall']:.3f}  precision "
+             f"{on_dev['precision']:.3f}  F1 {on_dev['f1']:.3f}  boxes/photo {on_dev['boxes']:.2f}"
              f"{'  (best)' if better else ''}  [{time.time() - t0:.0f}s]")
         if better:
-            best, state = {**found, "epoch": epoch}, copy.deepcopy(student.state_dict())
+            best, state = {**on_dev, "epoch": epoch}, copy.deepcopy(student.state_dict())
     info = {"teacher": m.detector.model_dump(), "epochs": epochs, "best": best,
             "teacher_boxes_per_photo": float((dev.scores > 0).sum(axis=1).mean()),
             "train_images": len(train.boxes), "dev_images": len(dev.boxes)}
