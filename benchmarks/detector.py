@@ -3,17 +3,19 @@ INT8 copy and distilled heads on MobileNetV2's maps, against today's 416 x 416, 
 costs in dev R@sum.
 
     python benchmarks/detector.py --checkpoint runs/flickr8k/best.pt [--sizes 416,320,224]
-        [--distilled runs/mobilenet-head.pt]
+        [--distilled runs/mobilenet-head.pt] [--retrained runs/flickr8k-head/best.pt]
 
 For every size, the checkpoint is exported with ``fbnet export --detector-size SIZE``
 (``<work>/<size>/bundle``; ``--int8`` adds its ``fbnet export --int8`` copy, the detector
 quantized); every ``--distilled`` file (``fbnet distill-detector``) with ``fbnet export
---detector FILE`` (``<work>/<file stem>/bundle``). Each is measured:
+--detector FILE`` (``<work>/<file stem>/bundle``); every ``--retrained`` checkpoint (a model trained
+on another detector's boxes, such as the head's) as it was trained (``<work>/retrained-<run>/bundle``).
+Each is measured:
 
 * accuracy: the 1,000 dev images indexed with that bundle (the 5,000 dev captions beside them) and
   scored exhaustively by the runtime (``Retriever.score``, what two-stage re-ranks with), instance
   R@sum; the checkpoint's weights were trained on the boxes of the 416 detector, so this is the
-  cost of serving other boxes *without retraining*;
+  cost of serving other boxes *without retraining*, and a ``--retrained`` row is the cost with it;
 * box agreement on the first 200 dev photos: boxes found per photo, and the share of the 416
   detector's boxes that a box of this size overlaps at IoU >= 0.5;
 * latency: decode, detector and image encoder of single dev photos, and the whole two-stage image
@@ -56,12 +58,17 @@ AGREEMENT_PHOTOS = 200
 
 def variant_bundle(checkpoint: Path, variant: tuple, work: Path) -> Path:
     """The bundle of ``checkpoint`` serving ``variant``: ``(size, int8)``, YOLOv3-tiny at ``size``
-    (quantized if ``int8``), or ``(file, False)``, the distilled detector in ``file``."""
+    (quantized if ``int8``); ``(file, False)``, the distilled detector in ``file``; or
+    ``(Path, False)``, that checkpoint as it was trained (``--retrained``)."""
     what, int8 = variant
-    folder = work / (Path(what).stem if isinstance(what, str) else str(what))
+    if isinstance(what, Path):
+        checkpoint, served = what, []
+        folder = work / f"retrained-{what.parent.name}"
+    else:
+        served = ["--detector", what] if isinstance(what, str) else ["--detector-size", str(what)]
+        folder = work / (Path(what).stem if isinstance(what, str) else str(what))
     bundle = folder / "bundle"
     if not (bundle / "manifest.json").is_file():
-        served = ["--detector", what] if isinstance(what, str) else ["--detector-size", str(what)]
         subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(checkpoint), "--out", str(bundle), *served],
                        check=True)
     if not int8:
@@ -71,6 +78,9 @@ def variant_bundle(checkpoint: Path, variant: tuple, work: Path) -> Path:
 
 def label(variant: tuple) -> str:
     what, int8 = variant
+    if isinstance(what, Path):
+        detector = load_checkpoint(what)["config"]["model"]["detector"]["name"]
+        return f"`{what}`, retrained on its detector's boxes ({detector})"
     if isinstance(what, str):
         return f"distilled head on MobileNetV2 (`{Path(what).name}`)"
     return f"{what} x {what}{', INT8' if int8 else ''}"
@@ -106,6 +116,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="416,320,224", help="detector input sizes (multiples of 32; 416 first)")
     ap.add_argument("--int8", default="416,224", help="sizes that also get an INT8 detector ('' for none)")
     ap.add_argument("--distilled", default="", help="comma-separated detector files of fbnet distill-detector")
+    ap.add_argument("--retrained", default="",
+                    help="comma-separated checkpoints trained on another detector's boxes, served as trained")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-detector")
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=60)
@@ -117,7 +129,8 @@ def main() -> None:
         sys.exit(f"{args.checkpoint}: no checkpoint; train one first (README, Flickr8k)")
     sizes = [int(s) for s in args.sizes.split(",")]
     variants = [(s, False) for s in sizes] + [(int(s), True) for s in args.int8.split(",") if s] + \
-        [(str(Path(f).resolve()), False) for f in args.distilled.split(",") if f]
+        [(str(Path(f).resolve()), False) for f in args.distilled.split(",") if f] + \
+        [(Path(f), False) for f in args.retrained.split(",") if f]
     dataset = load_dataset(load_checkpoint(args.checkpoint)["data_root"])
     items = dataset.split("val")
     images = [Path(it.image) for it in items]
@@ -144,15 +157,18 @@ def main() -> None:
     base = results[variants[0]]
     lines = [args.heading, "",
              f"`python benchmarks/detector.py --checkpoint {args.checkpoint} --sizes {args.sizes} --int8 {args.int8}"
-             f"{' --distilled ' + args.distilled if args.distilled else ''}` "
+             f"{' --distilled ' + args.distilled if args.distilled else ''}"
+             f"{' --retrained ' + args.retrained if args.retrained else ''}` "
              f"({machine()}). The recipe's checkpoint exported with YOLOv3-tiny at each input size "
              "(`fbnet export --detector-size`; the Flickr8k canvas is 224 x 224), where marked with its detector "
              "quantized (`fbnet export --int8`, minmax calibration), and with a distilled detector head on "
              "MobileNetV2's own maps (`fbnet distill-detector`, then `fbnet export --detector`). "
              "Dev R@sum: the 1,000 dev images indexed "
              "with each bundle and all 5,000 captions, scored exhaustively by the runtime; the weights were "
-             f"trained on the 416 detector's boxes and are not retrained. Box agreement: the first {AGREEMENT_PHOTOS} "
-             "dev photos, the share of the 416 detector's boxes that a box of the variant overlaps at IoU >= 0.5. "
+             "trained on the 416 detector's boxes and are not retrained, except in a row marked retrained (a "
+             "checkpoint trained on its own detector's boxes, served as trained). Box agreement: the first "
+             f"{AGREEMENT_PHOTOS} dev photos, the share of the 416 detector's boxes that a box of the variant "
+             "overlaps at IoU >= 0.5. "
              f"Latency: p50 of single dev photos; the query searches {args.items:,} synthetic float32 items "
              "two-stage (K = 100), ONNX Runtime on the CPU, one warm process.", "",
              "| detector | decode ms | detector ms | image encoder ms | two-stage image query ms | boxes / photo "
