@@ -156,9 +156,10 @@ def main() -> None:
 
     base = results[variants[0]]
     lines = [args.heading, "",
-             f"`python benchmarks/detector.py --checkpoint {args.checkpoint} --sizes {args.sizes} --int8 {args.int8}"
+             f"`python benchmarks/detector.py --checkpoint {args.checkpoint} --sizes {args.sizes} "
+             f"--int8 {args.int8 or repr('')}"
              f"{' --distilled ' + args.distilled if args.distilled else ''}"
-             f"{' --retrained ' + args.retrained if args.retrained else ''}` "
+             f"{' --retrained ' + args.retrained if args.retrained else ''} --repeats {args.repeats}` "
              f"({machine()}). The recipe's checkpoint exported with YOLOv3-tiny at each input size "
              "(`fbnet export --detector-size`; the Flickr8k canvas is 224 x 224), where marked with its detector "
              "quantized (`fbnet export --int8`, minmax calibration), and with a distilled detector head on "
