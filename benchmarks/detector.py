@@ -62,11 +62,11 @@ def variant_bundle(checkpoint: Path, variant: tuple, work: Path) -> Path:
     ``(Path, False)``, that checkpoint as it was trained (``--retrained``)."""
     what, int8 = variant
     if isinstance(what, Path):
-        checkpoint, served = what, []
-        folder = work / f"retrained-{what.parent.name}"
+        checkpoint, served, folder = what, [], work / f"retrained-{what.parent.name}"
+    elif isinstance(what, str):
+        served, folder = ["--detector", what], work / Path(what).stem
     else:
-        served = ["--detector", what] if isinstance(what, str) else ["--detector-size", str(what)]
-        folder = work / (Path(what).stem if isinstance(what, str) else str(what))
+        served, folder = ["--detector-size", str(what)], work / str(what)
     bundle = folder / "bundle"
     if not (bundle / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "fbnet.cli", "export", str(checkpoint), "--out", str(bundle), *served],
