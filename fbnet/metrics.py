@@ -18,13 +18,13 @@ PR_LEVELS = np.linspace(0.0, 1.0, 11)
 
 
 def _ranked_relevance(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Each row query's relevance in its ranking's order: the one sort every metric below reads."""
     order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(relevant, order, axis=1)
+    return np.take_along_axis(relevant.astype(bool), order, axis=1)
 
 
-def average_precision(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """AP of each row query over its full ranking (eq. 22); queries with no positive get NaN."""
-    rel = _ranked_relevance(scores, relevant.astype(bool)).astype(np.float64)
+def _average_precision(ranked: np.ndarray) -> np.ndarray:
+    rel = ranked.astype(np.float64)
     hits = rel.cumsum(axis=1)
     ranks = np.arange(1, rel.shape[1] + 1)
     n_pos = rel.sum(axis=1)
@@ -32,21 +32,13 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
         return (hits / ranks * rel).sum(axis=1) / n_pos
 
 
-def mean_average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
-    return float(np.nanmean(average_precision(scores, relevant)))
-
-
-def recall_at_k(scores: np.ndarray, relevant: np.ndarray, ks=RECALL_KS) -> dict[int, float]:
-    """Fraction of row queries with at least one relevant item in their top k."""
-    rel = _ranked_relevance(scores, relevant.astype(bool))
-    first = np.where(rel.any(axis=1), rel.argmax(axis=1), np.iinfo(np.int64).max)
+def _recall_at_k(ranked: np.ndarray, ks) -> dict[int, float]:
+    first = np.where(ranked.any(axis=1), ranked.argmax(axis=1), np.iinfo(np.int64).max)
     return {k: float((first < k).mean()) for k in ks}
 
 
-def pr_curve(scores: np.ndarray, relevant: np.ndarray, levels=PR_LEVELS) -> np.ndarray:
-    """Interpolated precision at each recall level, averaged over row queries."""
-    rel = _ranked_relevance(scores, relevant.astype(bool)).astype(np.float64)
-    rel = rel[rel.sum(axis=1) > 0]
+def _pr_curve(ranked: np.ndarray, levels) -> np.ndarray:
+    rel = ranked[ranked.any(axis=1)].astype(np.float64)
     hits = rel.cumsum(axis=1)
     precision = hits / np.arange(1, rel.shape[1] + 1)
     recall = hits / rel.sum(axis=1, keepdims=True)
@@ -57,6 +49,25 @@ def pr_curve(scores: np.ndarray, relevant: np.ndarray, levels=PR_LEVELS) -> np.n
         first = np.argmax(recall >= r - 1e-12, axis=1)
         out[:, j] = best_from[np.arange(rel.shape[0]), first]
     return out.mean(axis=0)
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """AP of each row query over its full ranking (eq. 22); queries with no positive get NaN."""
+    return _average_precision(_ranked_relevance(scores, relevant))
+
+
+def mean_average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    return float(np.nanmean(average_precision(scores, relevant)))
+
+
+def recall_at_k(scores: np.ndarray, relevant: np.ndarray, ks=RECALL_KS) -> dict[int, float]:
+    """Fraction of row queries with at least one relevant item in their top k."""
+    return _recall_at_k(_ranked_relevance(scores, relevant), ks)
+
+
+def pr_curve(scores: np.ndarray, relevant: np.ndarray, levels=PR_LEVELS) -> np.ndarray:
+    """Interpolated precision at each recall level, averaged over row queries."""
+    return _pr_curve(_ranked_relevance(scores, relevant), levels)
 
 
 def retrieval_report(scores: np.ndarray, caption_image: np.ndarray, image_labels=None,
@@ -73,10 +84,11 @@ def retrieval_report(scores: np.ndarray, caption_image: np.ndarray, image_labels
     for kind, rel in relevance.items():
         block = {}
         for direction, s, r in (("i2t", scores, rel), ("t2i", scores.T, rel.T)):
+            ranked = _ranked_relevance(s, r)  # sorted once for all three metrics
             block[direction] = {
-                "map": mean_average_precision(s, r),
-                **{f"r@{k}": v * 100 for k, v in recall_at_k(s, r).items()},
-                "pr": pr_curve(s, r).tolist(),
+                "map": float(np.nanmean(_average_precision(ranked))),
+                **{f"r@{k}": v * 100 for k, v in _recall_at_k(ranked, RECALL_KS).items()},
+                "pr": _pr_curve(ranked, PR_LEVELS).tolist(),
             }
         block["map"] = (block["i2t"]["map"] + block["t2i"]["map"]) / 2
         block["rsum"] = sum(block[d][f"r@{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
