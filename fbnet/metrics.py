@@ -17,43 +17,65 @@ RECALL_KS = (1, 5, 10)
 PR_LEVELS = np.linspace(0.0, 1.0, 11)
 
 
-def _ranked_relevance(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """Each row query's relevance in its ranking's order: the one sort every metric below reads."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(relevant.astype(bool), order, axis=1)
+#: Up to this many relevant items per query, their ranks come from comparisons against the
+#: gallery (queries x relevant x gallery, in row chunks) instead of a full sort of every row.
+COUNTED_HITS = 64
+_CHUNK_ELEMENTS = 1 << 24
 
 
-def _average_precision(ranked: np.ndarray) -> np.ndarray:
-    rel = ranked.astype(np.float64)
-    hits = rel.cumsum(axis=1)
-    ranks = np.arange(1, rel.shape[1] + 1)
-    n_pos = rel.sum(axis=1)
+def _hit_ranks(scores: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row query's 1-based ranks of its relevant items, ascending and padded with inf, and
+    their counts: everything MAP, R@K and the PR curve need. The ranking is the stable descending
+    sort of the row's scores (ties in gallery order). With a few relevant items per query (instance
+    relevance: 5 captions an image, 1 image a caption) a rank is 1 + the items scored above it +
+    the tied items before it, which for a 1,000 x 5,000 matrix is about 40x faster than sorting."""
+    relevant = relevant.astype(bool)
+    counts = relevant.sum(axis=1)
+    width = int(counts.max(initial=0))
+    ranks = np.full((scores.shape[0], width), np.inf)
+    if width > COUNTED_HITS:
+        order = np.argsort(-scores, axis=1, kind="stable")
+        ranked = np.take_along_axis(relevant, order, axis=1)
+        rows, cols = np.nonzero(ranked)
+        ranks[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols + 1
+        return ranks, counts
+    gallery = np.arange(scores.shape[1])
+    step = max(1, _CHUNK_ELEMENTS // max(1, width * scores.shape[1]))
+    for start in range(0, scores.shape[0], step):
+        s, r = scores[start:start + step], relevant[start:start + step]
+        hits = np.argsort(~r, axis=1, kind="stable")[:, :width]  # relevant columns first, in order
+        valid = np.arange(width) < r.sum(axis=1, keepdims=True)
+        own = np.take_along_axis(s, hits, axis=1)[:, :, None]
+        above = (s[:, None, :] > own).sum(axis=2)
+        tied_before = ((s[:, None, :] == own) & (gallery < hits[:, :, None])).sum(axis=2)
+        ranks[start:start + step] = np.sort(np.where(valid, 1 + above + tied_before, np.inf), axis=1)
+    return ranks, counts
+
+
+def _average_precision(ranks: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    precision = np.arange(1, ranks.shape[1] + 1) / ranks  # at each hit; 0 in the padding
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (hits / ranks * rel).sum(axis=1) / n_pos
+        return precision.sum(axis=1) / counts
 
 
-def _recall_at_k(ranked: np.ndarray, ks) -> dict[int, float]:
-    first = np.where(ranked.any(axis=1), ranked.argmax(axis=1), np.iinfo(np.int64).max)
-    return {k: float((first < k).mean()) for k in ks}
+def _recall_at_k(ranks: np.ndarray, ks) -> dict[int, float]:
+    first = ranks.min(axis=1, initial=np.inf)
+    return {k: float((first <= k).mean()) for k in ks}
 
 
-def _pr_curve(ranked: np.ndarray, levels) -> np.ndarray:
-    rel = ranked[ranked.any(axis=1)].astype(np.float64)
-    hits = rel.cumsum(axis=1)
-    precision = hits / np.arange(1, rel.shape[1] + 1)
-    recall = hits / rel.sum(axis=1, keepdims=True)
-    # interpolated precision at r: the best precision at any rank whose recall is >= r
-    best_from = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-    out = np.empty((rel.shape[0], len(levels)))
-    for j, r in enumerate(levels):
-        first = np.argmax(recall >= r - 1e-12, axis=1)
-        out[:, j] = best_from[np.arange(rel.shape[0]), first]
-    return out.mean(axis=0)
+def _pr_curve(ranks: np.ndarray, counts: np.ndarray, levels) -> np.ndarray:
+    ranks, counts = ranks[counts > 0], counts[counts > 0]
+    hits = np.arange(1, ranks.shape[1] + 1)
+    precision = hits / ranks
+    recall = hits / counts[:, None]
+    # interpolated precision at r: the best precision at any rank whose recall is >= r; precision
+    # only rises at a hit, so the best is at one of the hits with recall >= r
+    return np.array([np.where(recall >= r - 1e-12, precision, 0.0).max(axis=1, initial=0.0).mean() for r in levels])
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     """AP of each row query over its full ranking (eq. 22); queries with no positive get NaN."""
-    return _average_precision(_ranked_relevance(scores, relevant))
+    return _average_precision(*_hit_ranks(scores, relevant))
 
 
 def mean_average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
@@ -62,12 +84,12 @@ def mean_average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
 
 def recall_at_k(scores: np.ndarray, relevant: np.ndarray, ks=RECALL_KS) -> dict[int, float]:
     """Fraction of row queries with at least one relevant item in their top k."""
-    return _recall_at_k(_ranked_relevance(scores, relevant), ks)
+    return _recall_at_k(_hit_ranks(scores, relevant)[0], ks)
 
 
 def pr_curve(scores: np.ndarray, relevant: np.ndarray, levels=PR_LEVELS) -> np.ndarray:
     """Interpolated precision at each recall level, averaged over row queries."""
-    return _pr_curve(_ranked_relevance(scores, relevant), levels)
+    return _pr_curve(*_hit_ranks(scores, relevant), levels)
 
 
 def retrieval_report(scores: np.ndarray, caption_image: np.ndarray, image_labels=None,
@@ -84,11 +106,11 @@ def retrieval_report(scores: np.ndarray, caption_image: np.ndarray, image_labels
     for kind, rel in relevance.items():
         block = {}
         for direction, s, r in (("i2t", scores, rel), ("t2i", scores.T, rel.T)):
-            ranked = _ranked_relevance(s, r)  # sorted once for all three metrics
+            ranks, counts = _hit_ranks(s, r)  # once for all three metrics
             block[direction] = {
-                "map": float(np.nanmean(_average_precision(ranked))),
-                **{f"r@{k}": v * 100 for k, v in _recall_at_k(ranked, RECALL_KS).items()},
-                "pr": _pr_curve(ranked, PR_LEVELS).tolist(),
+                "map": float(np.nanmean(_average_precision(ranks, counts))),
+                **{f"r@{k}": v * 100 for k, v in _recall_at_k(ranks, RECALL_KS).items()},
+                "pr": _pr_curve(ranks, counts, PR_LEVELS).tolist(),
             }
         block["map"] = (block["i2t"]["map"] + block["t2i"]["map"]) / 2
         block["rsum"] = sum(block[d][f"r@{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
