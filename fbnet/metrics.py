@@ -44,7 +44,7 @@ def _hit_ranks(scores: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np
     for start in range(0, scores.shape[0], step):
         s, r = scores[start:start + step], relevant[start:start + step]
         hits = np.argsort(~r, axis=1, kind="stable")[:, :width]  # relevant columns first, in order
-        valid = np.arange(width) < r.sum(axis=1, keepdims=True)
+        valid = np.arange(width) < counts[start:start + step, None]
         own = np.take_along_axis(s, hits, axis=1)[:, :, None]
         above = (s[:, None, :] > own).sum(axis=2)
         tied_before = ((s[:, None, :] == own) & (gallery < hits[:, :, None])).sum(axis=2)
