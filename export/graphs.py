@@ -40,11 +40,12 @@ def key_name(prefix: str, branch: str, level: int) -> str:
 def shared_stage(detector, encoder: BlockEncoder) -> int | None:
     """How many MobileNetV2 modules the detector's last map and the image encoder's frozen trunk
     have in common, when the image encoder can start from that map: the detector is the distilled
-    head, the encoder pools MobileNetV2 (``roi`` mode) and freezes at least those modules, and their
-    weights are equal. None otherwise (each graph then runs its own CNN on the image)."""
+    head, the encoder pools MobileNetV2 (``roi`` mode, output stride 32: a dilated last stage is
+    another computation) and freezes at least those modules, and their weights are equal. None
+    otherwise (each graph then runs its own CNN on the image)."""
     end = STAGES[-1][1]
     if not isinstance(detector, MobileNetHeadDetector) or encoder.cfg.name != "mobilenet_v2" \
-            or encoder.cfg.mode != "roi" or encoder.split_at < end:
+            or encoder.cfg.mode != "roi" or encoder.stride != 32 or encoder.split_at < end:
         return None
     mine = [t for stage in detector.stages for t in stage.state_dict().values()]
     theirs = list(encoder.trunk[:end].state_dict().values())

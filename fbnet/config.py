@@ -90,11 +90,18 @@ class BackboneConfig(_Section):
     #: MobileNetV2, 2 = the last inverted-residual block and the 1x1 convolution to 1280). Training
     #: then caches the frozen part's activations per image (``fbnet.activations``).
     trainable_blocks: int = Field(0, ge=0)
+    #: ``roi`` mode, MobileNetV2: 16 runs its last stride-2 convolution at stride 1 and dilates the
+    #: 3x3 convolutions after it by 2 (DeepLab's output stride 16; the same weights), so the top
+    #: works on a 14 x 14 map of a 224 px canvas instead of 7 x 7.
+    output_stride: Literal[16, 32] = 32
 
     @model_validator(mode="after")
     def _finetune_needs_roi(self):
         if self.trainable_blocks and (self.mode != "roi" or self.name == "detector"):
             raise ValueError("trainable_blocks > 0 needs mode 'roi' and a torchvision backbone "
+                             f"(not {self.name!r} in mode {self.mode!r})")
+        if self.output_stride != 32 and (self.mode != "roi" or self.name != "mobilenet_v2"):
+            raise ValueError(f"output_stride {self.output_stride} needs backbone 'mobilenet_v2' in mode 'roi' "
                              f"(not {self.name!r} in mode {self.mode!r})")
         return self
 

@@ -61,11 +61,13 @@ def feature_cache(cfg: FBNetConfig, run_dir: Path) -> Path:
 
 def frozen_settings(cfg: FBNetConfig) -> dict:
     """The config that changes cached features: the head (embed_dim, branches, attention) may differ.
-    The detector's default input size is left out, so caches written before that option existed
-    keep their keys."""
+    The detector's default input size and the backbone's default output stride are left out, so
+    caches written before those options existed keep their keys."""
     settings = {k: v for k, v in cfg.to_dict()["model"].items() if k in ("backbone", "detector", "levels")}
     if not settings["detector"]["input_size"]:
         del settings["detector"]["input_size"]
+    if settings["backbone"]["output_stride"] == 32:
+        del settings["backbone"]["output_stride"]
     return settings
 
 

@@ -26,10 +26,11 @@ def _images(tmp_path, n=5, size=96):
     return items
 
 
-def _encoder(k=2):
+def _encoder(k=2, output_stride=32):
     """A MobileNetV2 encoder whose activations are of order 1 (torchvision's random init gives
     ~1e-9 features, below float16's range): unit batch norms and He-initialised convolutions."""
-    enc = BlockEncoder(BackboneConfig(name="mobilenet_v2", weights="", image_size=96, trainable_blocks=k), seed=1)
+    enc = BlockEncoder(BackboneConfig(name="mobilenet_v2", weights="", image_size=96, trainable_blocks=k,
+                                      output_stride=output_stride), seed=1)
     torch.manual_seed(1)
     for m in enc.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -39,13 +40,28 @@ def _encoder(k=2):
     return enc
 
 
-def test_encoder_split_is_the_full_backbone():
-    enc = _encoder()
-    assert enc.split_at == len(enc.trunk) - 2
+@pytest.mark.parametrize("output_stride", [32, 16])
+def test_encoder_split_is_the_full_backbone(output_stride):
+    enc = _encoder(output_stride=output_stride)
+    assert enc.split_at == len(enc.trunk) - 2 and enc.stride == output_stride
     images = torch.rand(2, 3, 96, 96)
+    assert enc.lower(images).shape[-2:] == (96 // output_stride, 96 // output_stride)
     boxes = torch.tensor([[[0, 0, 96, 96], [10, 20, 60, 90]]] * 2, dtype=torch.float32)
     assert torch.allclose(enc(images, boxes), enc.pool_blocks(enc.lower(images), boxes), atol=1e-6)
     assert all(not p.requires_grad for p in enc.parameters())  # frozen until training asks
+
+
+def test_output_stride_16_is_the_dilated_trunk():
+    """Output stride 16 keeps the weights and changes only the last stride-2 convolution (now
+    stride 1) and the 3x3 convolutions after it (dilation 2, so each keeps its receptive field
+    over the input)."""
+    plain, dilated = _encoder(), _encoder(output_stride=16)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dilated.state_dict().values()))
+    changed = [(name, m.stride, m.dilation) for (name, m), (_, p) in zip(dilated.trunk.named_modules(),
+                                                                         plain.trunk.named_modules())
+               if isinstance(m, torch.nn.Conv2d) and (m.stride, m.dilation) != (p.stride, p.dilation)]
+    assert changed == [("14.conv.1.0", (1, 1), (1, 1)), ("15.conv.1.0", (1, 1), (2, 2)),
+                       ("16.conv.1.0", (1, 1), (2, 2)), ("17.conv.1.0", (1, 1), (2, 2))]
 
 
 @pytest.mark.parametrize("pool,ratio", [(2, 2), (1, 2), (6, 2), (2, 3)])
@@ -152,7 +168,9 @@ def test_global_branch_projects_real_boxes_only_and_equals_every_slot_masked():
 @pytest.mark.parametrize("bad", [{"model": {"backbone": {"trainable_blocks": -1}}},
                                  {"model": {"backbone": {"name": "detector", "trainable_blocks": 2}}},
                                  {"data": {"views": ["hflip"]}},
-                                 {"model": {"global_pool": "median"}}])
+                                 {"model": {"global_pool": "median"}},
+                                 {"model": {"backbone": {"name": "resnet18", "output_stride": 16}}},
+                                 {"model": {"backbone": {"output_stride": 8}}}])
 def test_bad_finetune_settings_are_refused(bad):
     from fbnet.config import ConfigError
 
@@ -187,15 +205,18 @@ data: {{views: [identity, hflip]}}
 model:
   embed_dim: 32
   global_pool: gpo
-  backbone: {{name: mobilenet_v2, weights: {weights}, mode: roi, image_size: 64, trainable_blocks: 2}}
+  backbone: {{name: mobilenet_v2, weights: {weights}, mode: roi, image_size: 64, trainable_blocks: 2,
+             output_stride: {output_stride}}}
   detector: {{name: none}}
 train: {{epochs: 2, batch_size: 16, lr: 0.001, backbone_frozen_epochs: 0, fusion_grid: [1.0], global_grid: [0.5, 1.0]}}
 """
 
 
-def test_finetuned_top_trains_exports_and_keeps_parity(tiny_synth, tmp_path):
+@pytest.mark.parametrize("output_stride", [32, 16])
+def test_finetuned_top_trains_exports_and_keeps_parity(tiny_synth, tmp_path, output_stride):
     """The fine-tuned top is saved in the checkpoint, differs from the initial weights only in the
-    top, and the exported image encoder (the whole backbone) keeps parity with PyTorch."""
+    top, and the exported image encoder (the whole backbone, dilated at output stride 16) keeps
+    parity with PyTorch."""
     from click.testing import CliRunner
 
     from fbnet.checkpoint import load_checkpoint
@@ -205,7 +226,7 @@ def test_finetuned_top_trains_exports_and_keeps_parity(tiny_synth, tmp_path):
     # ties would make parity's ranking metrics flip on rounding)
     weights = tmp_path / "mobilenet.pth"
     torch.save({f"features.{k}": v for k, v in _encoder().trunk.state_dict().items()}, weights)
-    (tmp_path / "cfg.yaml").write_text(FINETUNE_CONFIG.format(weights=weights))
+    (tmp_path / "cfg.yaml").write_text(FINETUNE_CONFIG.format(weights=weights, output_stride=output_stride))
     runner = CliRunner()
     res = runner.invoke(main, ["train", "--data", str(tiny_synth), "--config", str(tmp_path / "cfg.yaml"),
                                "--out", str(tmp_path / "run")])
@@ -213,7 +234,7 @@ def test_finetuned_top_trains_exports_and_keeps_parity(tiny_synth, tmp_path):
     assert "mu=" in res.output and (tmp_path / "run" / "curves.png").stat().st_size > 0
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     start = BlockEncoder(BackboneConfig(name="mobilenet_v2", weights=str(weights), image_size=64,
-                                        trainable_blocks=2)).state_dict()
+                                        trainable_blocks=2, output_stride=output_stride)).state_dict()
     changed = {k for k, v in ckpt["encoder"].items() if not torch.equal(v, start[k])}
     assert changed and all(k.startswith(("trunk.17.", "trunk.18.")) for k in changed), sorted(changed)[:5]
     res = runner.invoke(main, ["export", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "bundle")])
@@ -256,3 +277,15 @@ def _first_stage_ranks_the_global_branch(data, bundle_dir, out):
     (out / "gallery.json").write_text(json.dumps(meta))
     legacy = Gallery(out, b)
     assert legacy.first_stage_key == "B1" and Searcher.for_gallery(r, legacy, 5).stage_key == "B1"
+
+
+def test_output_stride_is_in_the_cache_key_only_when_it_is_not_the_default():
+    """A cache made at output stride 32 is not reused at 16 (its maps are 7 x 7, not 14 x 14), and
+    caches written before the option existed keep their keys."""
+    from fbnet.pipeline import frozen_settings
+
+    plain = FBNetConfig.from_dict({"model": {"backbone": {"trainable_blocks": 2}}})
+    dilated = FBNetConfig.from_dict({"model": {"backbone": {"trainable_blocks": 2, "output_stride": 16}}})
+    assert "output_stride" not in frozen_settings(plain)["backbone"]
+    assert frozen_settings(dilated)["backbone"]["output_stride"] == 16
+    assert frozen_settings(plain) != frozen_settings(dilated)

@@ -13,7 +13,8 @@ Inputs are canvases in [0, 1]; ImageNet mean/std normalisation happens here.
 Fine-tuning the top (``backbone.trainable_blocks: k``, ``roi`` mode): the trunk is split into a
 frozen ``lower`` part and its last ``k`` modules (MobileNetV2: ``k = 2`` is the last inverted
 residual block, 160 -> 320 channels, and the 1x1 convolution to 1280, both on the 7 x 7 map of a
-224 px canvas). Training caches :meth:`BlockEncoder.lower` once per image
+224 px canvas; 14 x 14 with ``backbone.output_stride: 16``, which runs the last stride-2 stage at
+stride 1 with dilated convolutions). Training caches :meth:`BlockEncoder.lower` once per image
 (:mod:`fbnet.activations`) and runs :meth:`BlockEncoder.pool_blocks` (the top, then RoIAlign) in
 every step, so the same module, with its fine-tuned top, is what the exported image encoder runs.
 Batch-norm statistics stay frozen (the module is always in eval mode); only weights are trained.
@@ -103,6 +104,9 @@ class BlockEncoder(nn.Module):
                 torch.manual_seed(seed)
                 net = build_torchvision(cfg.name, cfg.weights)
             self.trunk, self.stride, self.pool, self.head, self.crop_head = _split(cfg.name, net)
+            if cfg.output_stride == 16:
+                _dilate_last_stride(self.trunk)
+                self.stride = 16
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -203,6 +207,17 @@ def _split(name: str, net: nn.Module):
         return net.features[:-1], 16, 6, head, nn.Sequential(net.features[-1], net.avgpool, head)
     trunk = net.features if name == "mobilenet_v2" else nn.Sequential(*list(net.children())[:-2])
     return trunk, 32, 2, _MeanPool(), _MeanPool()
+
+
+def _dilate_last_stride(trunk: nn.Module) -> None:
+    """Output stride 16 (DeepLab v3's atrous MobileNetV2): the trunk's last stride-2 3x3
+    convolution runs at stride 1, and every 3x3 convolution after it is dilated by 2 (padding 2),
+    so their receptive fields over the input stay what the pretrained weights were trained with."""
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    last = max(i for i, m in enumerate(convs) if m.stride == (2, 2))
+    convs[last].stride = (1, 1)
+    for m in convs[last + 1:]:
+        m.dilation, m.padding = (2, 2), (2, 2)
 
 
 def _rois(boxes: torch.Tensor) -> torch.Tensor:
