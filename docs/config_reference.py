@@ -39,12 +39,15 @@ A config is one YAML or JSON file (`fbnet train --config FILE`); every section a
 optional, and an unset key takes the default below. `fbnet train` without `--data` and
 `--config` uses the embedded preset `fbnet/configs/synth.yaml`, which sets a few keys for the
 synthetic set (`model.embed_dim: 256`, `model.backbone.name: detector`, ...); `configs/` holds the
-paper's and the Flickr8k recipe's. The file is validated at load (pydantic): a wrong type, a value
+paper's, the Flickr8k recipes' and the related models'. The file is validated at load (pydantic): a wrong type, a value
 out of range, a name no registry holds or an unknown key stops the run with one line naming the
 file and the key (`c.yaml: 'train.epochs': ...`).
 A list key also takes a single value (`branches: background`). `fbnet train --set
 SECTION.KEY=VALUE` (repeatable) overrides one key of the file, read as YAML and checked the same
-way (`--set loss.name=triplet`).
+way (`--set loss.name=triplet`). A top-level `base: OTHER.yaml` (a path relative to the file)
+reads that file first and lays this one over it: a section or mapping merges key by key, any other
+value replaces (`configs/flickr8k-os16.yaml` is `configs/flickr8k.yaml` with two keys changed); a
+missing base, or one already in the chain, is one line naming the file.
 """
 
 

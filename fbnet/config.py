@@ -279,7 +279,9 @@ class FBNetConfig(_Section):
 
     @classmethod
     def load(cls, path: str | Path) -> "FBNetConfig":
-        return cls.from_dict(read_mapping(path, ConfigError, "config"), str(path))
+        """A config file, validated; a top-level ``base: other.yaml`` key (a path relative to the
+        file) reads that file first and lays this one's sections over it, key by key."""
+        return cls.from_dict(_read_with_base(Path(str(path)), ()), str(path))
 
     def with_overrides(self, assignments: tuple[str, ...] | list[str]) -> "FBNetConfig":
         """This config with ``section.key=value`` assignments applied (``fbnet train --set``), each
@@ -308,6 +310,35 @@ class FBNetConfig(_Section):
 
     def validate(self) -> None:  # noqa: D102  (values set after loading, e.g. --epochs, checked again)
         type(self).from_dict(self.to_dict(), "config")
+
+
+def _read_with_base(path: Path, children: tuple[Path, ...]) -> Any:
+    """``path``'s mapping over the one its ``base`` key names, recursively (mmdetection's
+    ``_base_``, one file deep per level): a mapping merges key by key, any other value replaces.
+    A base that is missing, or that names a file already in the chain, is one error naming the
+    file whose ``base`` it is."""
+    data = read_mapping(path, ConfigError, "config")
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    name = data.pop("base")
+    base = path.parent / str(name)
+    if not base.is_file():
+        raise ConfigError(f"{path}: 'base': no config file {base}")
+    if base.resolve() in children or base.resolve() == path.resolve():
+        raise ConfigError(f"{path}: 'base': {name} is already in this file's chain of bases")
+    below = _read_with_base(base, children + (path.resolve(),))
+    if not isinstance(below, dict):
+        raise ConfigError(f"{base}: top level must be a mapping of sections")
+    return _laid_over(below, data)
+
+
+def _laid_over(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+    """``above``'s keys over ``below``'s: mappings on both sides merge, any other value replaces."""
+    merged = dict(below)
+    for key, value in above.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _laid_over(merged[key], value) if both_maps else value
+    return merged
 
 
 def _first_error(exc: ValidationError) -> str:

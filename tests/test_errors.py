@@ -138,6 +138,15 @@ def test_set_overrides_apply_in_any_order():
     assert FBNetConfig().with_overrides([]) == FBNetConfig()
 
 
+def test_config_base_missing_or_circular(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: gone.yaml\n")
+    fails(FBNET, "train", "--config", "c.yaml", names=("c.yaml", "'base'", "gone.yaml"), cwd=tmp_path)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {epochs: 2}\n")
+    fails(FBNET, "train", "--config", "a.yaml", names=("b.yaml", "'base'", "a.yaml", "chain"), cwd=tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_config_cross_field_rule(tmp_path):
     (tmp_path / "c.yaml").write_text("model:\n  backbone: {name: detector}\n  detector: {name: yolov3_tiny}\n")
     fails(FBNET, "train", "--config", "c.yaml", names=("c.yaml", "backbone 'detector'", "yolov3_tiny"), cwd=tmp_path)
