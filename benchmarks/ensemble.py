@@ -66,18 +66,38 @@ def cost_table(lead, retriever, gallery, gallery_dir: Path, names: list[str], ph
                store: str) -> list[str]:
     """Text and image query p50 (two-stage, encoding included) and bytes per image, the first member
     alone against the ensemble."""
-    rows = [f"| search with | text query p50 ms | image query p50 ms | {store} gallery KB per image |",
-            "| --- | ---: | ---: | ---: |"]
-    member_bytes = [sum(f.stat().st_size for f in (gallery_dir / name / "images").iterdir()) for name in names]
+    rows = cost_header(store)
+    member_bytes = gallery_bytes(gallery_dir, names)
     n = len(gallery.images)
     for label, r, gal, size in (("first member alone", lead, gallery.members[0], member_bytes[0]),
                                 ("ensemble", retriever, gallery, sum(member_bytes))):
-        searcher = Searcher.for_gallery(r, gal, k)
-        text = timeit(lambda: searcher.images_for(r.encode_texts(["a dog runs through the grass"]), 10), repeats, 3)
-        image = timeit(lambda: searcher.texts_for(r.encode_canvases(photo[None]), 10), repeats, 3)
-        rows.append(f"| {label} | {text['median']:.1f} | {image['median']:.1f} | {size / n / 1024:.1f} |")
-        print(rows[-1], flush=True)
+        rows.append(cost_row(label, *query_times(r, gal, photo, k, repeats), size / n))
     return rows
+
+
+def cost_header(store: str) -> list[str]:
+    return [f"| search with | text query p50 ms | image query p50 ms | {store} gallery KB per image |",
+            "| --- | ---: | ---: | ---: |"]
+
+
+def gallery_bytes(gallery_dir: Path, names: list[str]) -> list[int]:
+    """Bytes of each member gallery's image store."""
+    return [sum(f.stat().st_size for f in (gallery_dir / name / "images").iterdir()) for name in names]
+
+
+def query_times(retriever, gallery, photo, k: int, repeats: int) -> tuple[float, float]:
+    """A text and an image query's p50 in ms through ``retriever`` over ``gallery`` (two-stage,
+    K = ``k``, encoding included)."""
+    searcher = Searcher.for_gallery(retriever, gallery, k)
+    text = timeit(lambda: searcher.images_for(retriever.encode_texts(["a dog runs through the grass"]), 10), repeats, 3)
+    image = timeit(lambda: searcher.texts_for(retriever.encode_canvases(photo[None]), 10), repeats, 3)
+    return text["median"], image["median"]
+
+
+def cost_row(label: str, text_ms: float, image_ms: float, image_bytes: float) -> str:
+    row = f"| {label} | {text_ms:.1f} | {image_ms:.1f} | {image_bytes / 1024:.1f} |"
+    print(row, flush=True)
+    return row
 
 
 def synthetic_ensemble(bundle, n: int, work: Path, store: str):
@@ -94,17 +114,23 @@ def synthetic_ensemble(bundle, n: int, work: Path, store: str):
     return open_gallery(root, bundle), root
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def ensemble_args(description: str, work: str, repeats: int) -> argparse.ArgumentParser:
+    """The arguments an ensemble benchmark takes (its own are added by the caller)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--ensemble", type=Path, default=ROOT / "runs" / "ensemble.yaml")
     ap.add_argument("--bundle", type=Path, help="default: <ensemble file's folder>/ensemble-bundle")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-ensemble", help="the dev gallery goes here")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / work, help="galleries go here")
     ap.add_argument("--shortlist", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--items", type=int, default=10_000, help="images and captions of the synthetic cost galleries")
     ap.add_argument("--stores", default="float32,sq4", help="stores of the synthetic cost galleries")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    args = ap.parse_args()
+    return ap
+
+
+def open_ensemble_args(args):
+    """``(ensemble file, ensemble bundle, member retrievers on ONNX Runtime, the first member's
+    dataset)`` from :func:`ensemble_args`; the bundle is exported first when it is missing."""
     if not args.ensemble.is_file():
         sys.exit(f"{args.ensemble}: no ensemble file; make one with `fbnet ensemble A.pt B.pt --out FILE`")
     ensemble = load_ensemble(args.ensemble)
@@ -113,8 +139,14 @@ def main() -> None:
         export_ensemble_bundle(args.ensemble, bundle_dir)
     bundle = open_ensemble_bundle(bundle_dir)
     members = [Retriever(b, OnnxRuntimeBackend(b)) for b in bundle.members]
+    return ensemble, bundle, members, load_dataset(member_checkpoints(ensemble)[0]["data_root"])
+
+
+def main() -> None:
+    ap = ensemble_args(__doc__.split("\n\n")[0], "bench-ensemble", 30)
+    args = ap.parse_args()
+    ensemble, bundle, members, dataset = open_ensemble_args(args)
     retriever = EnsembleRetriever(bundle, members)
-    dataset = load_dataset(member_checkpoints(ensemble)[0]["data_root"])
     items = dataset.split("val")
     images = [it.image for it in items]
     captions = [c for it in items for c in it.captions]

@@ -64,6 +64,25 @@ def sample_inputs(ckpt: dict, cfg, detector, n: int = 3):
     return images, block_boxes, fg_mask, captions, source
 
 
+def export_checked(root: Path, name: str, module: torch.nn.Module, args: tuple, io: dict, opset: int,
+                   log=print) -> tuple[dict, GraphSpec]:
+    """Export ``module`` on ``args`` as ``root/<name>.onnx`` with ``io``'s names and dynamic axes,
+    check it against PyTorch (relative difference at most :data:`FLOAT32_TOLERANCE`, else
+    :class:`ExportError`) and save ONNX Runtime's optimised form: ``(the check, its GraphSpec)``."""
+    path = root / f"{name}.onnx"
+    export_graph(module, args, path, io["inputs"], io["outputs"], io["dynamic"], opset)
+    check = compare(path, module, args, io["inputs"])
+    log(f"  {path.name:20s} max |diff| {check.max_abs:.2e}  relative {check.max_rel:.2e}")
+    if check.max_rel > FLOAT32_TOLERANCE:
+        raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {check.max_rel:.2e} "
+                          f"(relative), above the float32 tolerance {FLOAT32_TOLERANCE}")
+    spec = GraphSpec(path.name, [TensorSpec.from_dict(t) for t in input_specs(path)],
+                     [TensorSpec.from_dict(t) for t in output_specs(path)],
+                     {k: {str(a): n for a, n in v.items()} for k, v in io["dynamic"].items()},
+                     save_optimized(root, name, path.name))
+    return check.to_json(), spec
+
+
 def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, opset: int = DEFAULT_OPSET,
                   log=print, detector_size: int | None = None, detector_file: str | Path | None = None) -> Path:
     """``detector_size``: run YOLOv3-tiny at that input size instead of the checkpoint's
@@ -105,20 +124,7 @@ def export_bundle(ckpt_path: str | Path, out: str | Path, fp16: bool = False, op
     with atomic_dir(out) as tmp:
         checks, specs = {}, {}
         for name, (module, args) in graphs.items():
-            path = tmp / f"{name}.onnx"
-            spec = io[name]
-            export_graph(module, args, path, spec["inputs"], spec["outputs"], spec["dynamic"], opset)
-            check = compare(path, module, args, spec["inputs"])
-            log(f"  {path.name:20s} max |diff| {check.max_abs:.2e}  relative {check.max_rel:.2e}")
-            if check.max_rel > FLOAT32_TOLERANCE:
-                raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {check.max_rel:.2e} "
-                                  f"(relative), above the float32 tolerance {FLOAT32_TOLERANCE}")
-            checks[name] = check.to_json()
-            specs[name] = GraphSpec(
-                path.name, [TensorSpec.from_dict(t) for t in input_specs(path)],
-                [TensorSpec.from_dict(t) for t in output_specs(path)],
-                {k: {str(a): n for a, n in v.items()} for k, v in spec["dynamic"].items()},
-                save_optimized(tmp, name, path.name))
+            checks[name], specs[name] = export_checked(tmp, name, module, args, io[name], opset, log)
         vocab.save(tmp / "vocab.json")
         engines, note = {}, "not requested (use --fp16 on a GPU host with TensorRT)"
         if fp16:

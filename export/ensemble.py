@@ -2,7 +2,8 @@
 
 Every member checkpoint is exported as a whole bundle (:func:`~.bundle.export_bundle`, with its own
 export check) into ``member<i>/``, and ``ensemble.json`` records the members' folders, weights and
-manifest sha256 (the layout of :mod:`fbnet.runtime.engine.ensemble`). The directory is built beside
+manifest sha256 (the layout of :mod:`fbnet.runtime.engine.ensemble`), and the shared trunk's graphs
+where members compute MobileNetV2's first modules alike (:mod:`.trunk`). The directory is built beside
 its target and renamed into place.
 """
 
@@ -18,11 +19,15 @@ from fbnet.runtime.engine.ensemble import member_folder
 from fbnet.runtime.engine.manifest import EnsembleManifest, EnsembleMember, Manifest
 
 from .bundle import export_bundle
+from .onnx_export import DEFAULT_OPSET
+from .trunk import export_trunk
 
 
-def export_ensemble_bundle(ensemble_path: str | Path, out: str | Path, log=print, **options) -> Path:
+def export_ensemble_bundle(ensemble_path: str | Path, out: str | Path, log=print, share_trunk: bool = True,
+                           **options) -> Path:
     """Export every member of the ensemble file into one ensemble bundle; ``options`` go to
-    :func:`~.bundle.export_bundle` (``fp16``, ``opset``)."""
+    :func:`~.bundle.export_bundle` (``fp16``, ``opset``). ``share_trunk``: also export the CNN
+    modules members compute alike as one graph (:mod:`.trunk`)."""
     ensemble = load_ensemble(ensemble_path)  # every member readable, all on one canvas
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -31,10 +36,12 @@ def export_ensemble_bundle(ensemble_path: str | Path, out: str | Path, log=print
             export_bundle(m.checkpoint, tmp / member_folder(i), log=log, **options)
         members = [EnsembleMember(member_folder(i), m.weight, sha256(tmp / member_folder(i) / Manifest.FILE))
                    for i, m in enumerate(ensemble.members)]
+        trunk = export_trunk([m.checkpoint for m in ensemble.members], tmp,
+                             options.get("opset", DEFAULT_OPSET), log) if share_trunk else None
         EnsembleManifest(members=members, canvas=Manifest.load(tmp / member_folder(0) / Manifest.FILE).canvas,
                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         source={"path": str(Path(ensemble_path).resolve()), "sha256": sha256(Path(ensemble_path))}
-                         ).save(tmp / EnsembleManifest.FILE)
+                         source={"path": str(Path(ensemble_path).resolve()), "sha256": sha256(Path(ensemble_path))},
+                         trunk=trunk).save(tmp / EnsembleManifest.FILE)
     return out
 
 

@@ -53,6 +53,49 @@ def shared_stage(detector, encoder: BlockEncoder) -> int | None:
     return end if same else None
 
 
+def trunk_prefix(reference: BlockEncoder, encoder: BlockEncoder) -> int:
+    """How many leading trunk modules ``encoder`` computes exactly as ``reference`` does, up to its
+    frozen part (``split_at``): the modules' weights and buffers are equal, and so is their geometry
+    (``repr`` shows every convolution's stride, padding and dilation, so a stage dilated for output
+    stride 16 ends the prefix). 0 where the two cannot share a map: another backbone, a ``crop``
+    mode or the detector's trunk. An ensemble's members share the map after that many modules
+    (:class:`TrunkGraph`, :mod:`fbnet.export.trunk`)."""
+    if "detector" in (reference.cfg.name, encoder.cfg.name) or "crop" in (reference.cfg.mode, encoder.cfg.mode) \
+            or reference.cfg.name != encoder.cfg.name:
+        return 0
+    n = 0
+    for mine, theirs in zip(reference.trunk[: encoder.split_at], encoder.trunk[: encoder.split_at]):
+        a, b = mine.state_dict(), theirs.state_dict()
+        if repr(mine) != repr(theirs) or a.keys() != b.keys() or \
+                not all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a):
+            break
+        n += 1
+    return n
+
+
+class TrunkGraph(nn.Module):
+    """``image (N, 3, S, S)`` -> the reference trunk's maps after each of ``cuts`` modules
+    (``lower_<cut>``, ascending): one pass of the CNN that an ensemble's members share, each member's
+    image encoder starting from its cut (``ImageEncoderGraph(..., shared=cut)``)."""
+
+    def __init__(self, encoder: BlockEncoder, cuts: list[int]):
+        super().__init__()
+        self.encoder, self.cuts = encoder, sorted(set(cuts))
+
+    def forward(self, image: torch.Tensor):
+        x, start, maps = (image - self.encoder.mean) / self.encoder.std, 0, []
+        for cut in self.cuts:
+            x = self.encoder.trunk[start:cut](x)
+            maps.append(x)
+            start = cut
+        return tuple(maps)
+
+
+def trunk_output(cut: int) -> str:
+    """The name of :class:`TrunkGraph`'s map after ``cut`` modules."""
+    return f"lower_{cut}"
+
+
 class DetectorGraph(nn.Module):
     def __init__(self, detector, share_lower: bool = False):
         """``share_lower``: also return the detector's last map (see :func:`shared_stage`)."""

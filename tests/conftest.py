@@ -44,6 +44,24 @@ train: {epochs: 1, batch_size: 16, fusion_grid: [1.0], global_grid: [1.0]}
 """
 
 
+def mobilenet_encoder(k: int = 2, output_stride: int = 32, seed: int = 1):
+    """A MobileNetV2 block encoder (96 px canvases, the top ``k`` modules trainable) whose
+    activations are of order 1 (torchvision's random init gives ~1e-9 features, below float16's
+    range): unit batch norms and He-initialised convolutions, the same for the same ``seed``."""
+    from fbnet.config import BackboneConfig
+    from fbnet.models.backbone import BlockEncoder
+
+    enc = BlockEncoder(BackboneConfig(name="mobilenet_v2", weights="", image_size=96, trainable_blocks=k,
+                                      output_stride=output_stride), seed=seed)
+    torch.manual_seed(seed)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_parameters()
+        elif isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    return enc
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct loopback ports free right now (for servers and process groups a test starts)."""
     socks = [socket.socket() for _ in range(n)]

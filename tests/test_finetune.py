@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_encoder_cut_to_used_boxes_is_exact
+from conftest import assert_encoder_cut_to_used_boxes_is_exact, mobilenet_encoder
 from fbnet.activations import ActivationFeatures, extract_activations, view_boxes
 from fbnet.config import BackboneConfig, FBNetConfig
 from fbnet.data.manifest import Item, load_dataset
@@ -26,23 +26,9 @@ def _images(tmp_path, n=5, size=96):
     return items
 
 
-def _encoder(k=2, output_stride=32):
-    """A MobileNetV2 encoder whose activations are of order 1 (torchvision's random init gives
-    ~1e-9 features, below float16's range): unit batch norms and He-initialised convolutions."""
-    enc = BlockEncoder(BackboneConfig(name="mobilenet_v2", weights="", image_size=96, trainable_blocks=k,
-                                      output_stride=output_stride), seed=1)
-    torch.manual_seed(1)
-    for m in enc.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_parameters()
-        elif isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    return enc
-
-
 @pytest.mark.parametrize("output_stride", [32, 16])
 def test_encoder_split_is_the_full_backbone(output_stride):
-    enc = _encoder(output_stride=output_stride)
+    enc = mobilenet_encoder(output_stride=output_stride)
     assert enc.split_at == len(enc.trunk) - 2 and enc.stride == output_stride
     images = torch.rand(2, 3, 96, 96)
     assert enc.lower(images).shape[-2:] == (96 // output_stride, 96 // output_stride)
@@ -55,7 +41,7 @@ def test_output_stride_16_is_the_dilated_trunk():
     """Output stride 16 keeps the weights and changes only the last stride-2 convolution (now
     stride 1) and the 3x3 convolutions after it (dilation 2, so each keeps its receptive field
     over the input)."""
-    plain, dilated = _encoder(), _encoder(output_stride=16)
+    plain, dilated = mobilenet_encoder(), mobilenet_encoder(output_stride=16)
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dilated.state_dict().values()))
     changed = [(name, m.stride, m.dilation) for (name, m), (_, p) in zip(dilated.trunk.named_modules(),
                                                                          plain.trunk.named_modules())
@@ -88,7 +74,7 @@ def test_cached_activations_equal_the_full_backbone(tmp_path):
     """The same block features (float16 cache tolerance) from cached lower activations + the top
     as from :func:`compute_features`, which runs the whole backbone on each image."""
     items = _images(tmp_path)
-    enc = _encoder()
+    enc = mobilenet_encoder()
     full = compute_features(items, enc, None, image_size=96, levels=3, max_boxes=2, batch_size=2)
     lower, blocks, mask = extract_activations(items, enc, None, image_size=96, levels=3, max_boxes=2,
                                               views=("identity", "hflip"), cache=tmp_path / "cache", key="k")
@@ -103,14 +89,14 @@ def test_cached_activations_equal_the_full_backbone(tmp_path):
     # the mirrored view's boxes are the identity view's, mirrored
     assert np.allclose(blocks[:, 1], view_boxes(torch.from_numpy(np.array(blocks[:, 0])), "hflip", 96).numpy())
     # a changed key rebuilds the cache instead of reusing it
-    again = extract_activations(items, _encoder(k=1), None, image_size=96, levels=3, max_boxes=2,
+    again = extract_activations(items, mobilenet_encoder(k=1), None, image_size=96, levels=3, max_boxes=2,
                                 views=("identity",), cache=tmp_path / "cache", key="other")
     assert again[0].shape[1] == 1 and again[0].shape[2] != lower.shape[2]
 
 
 def test_top_gets_gradients_through_the_cache(tmp_path):
     items = _images(tmp_path, n=2)
-    enc = _encoder()
+    enc = mobilenet_encoder()
     arrays = extract_activations(items, enc, None, image_size=96, levels=1, max_boxes=1, views=("identity",),
                                  cache=tmp_path / "c", key="k")
     enc.top().requires_grad_(True)
@@ -186,7 +172,7 @@ def test_an_interrupted_extraction_resumes(tmp_path):
     items = _images(tmp_path, n=6)
     good = items[4].image.read_bytes()
     items[4].image.write_bytes(b"not an image")
-    enc = _encoder()
+    enc = mobilenet_encoder()
     args = dict(image_size=96, levels=1, max_boxes=1, views=("identity",), key="k", batch_size=2)
     with pytest.raises(ImageError):
         extract_activations(items, enc, None, cache=tmp_path / "cache", **args)
@@ -225,7 +211,7 @@ def test_finetuned_top_trains_exports_and_keeps_parity(tiny_synth, tmp_path, out
     # well-conditioned weights (torchvision's random init gives near-constant features, whose score
     # ties would make parity's ranking metrics flip on rounding)
     weights = tmp_path / "mobilenet.pth"
-    torch.save({f"features.{k}": v for k, v in _encoder().trunk.state_dict().items()}, weights)
+    torch.save({f"features.{k}": v for k, v in mobilenet_encoder().trunk.state_dict().items()}, weights)
     (tmp_path / "cfg.yaml").write_text(FINETUNE_CONFIG.format(weights=weights, output_stride=output_stride))
     runner = CliRunner()
     res = runner.invoke(main, ["train", "--data", str(tiny_synth), "--config", str(tmp_path / "cfg.yaml"),

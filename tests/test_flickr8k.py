@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import SHARED, assert_encoder_cut_to_used_boxes_is_exact
+from conftest import SHARED, assert_encoder_cut_to_used_boxes_is_exact, cli_ok
 from fbnet.checkpoint import load_checkpoint, with_detector_file, with_detector_size
 from fbnet.cli import main
 from fbnet.evaluate import load_model
@@ -125,6 +125,44 @@ def test_a_distilled_detector_exports_and_keeps_parity(flickr_run):
     _serves_pytorchs_boxes(out, with_detector_file(load_checkpoint(root / "run" / "best.pt"), head), dev)
     _parity_passes(root / "run" / "best.pt", out)
     assert_encoder_cut_to_used_boxes_is_exact(out, dev)
+
+
+def test_an_ensemble_shares_mobilenets_frozen_modules(flickr_run):
+    """A second member that fine-tunes MobileNetV2's top at output stride 16 beside the fixture's
+    frozen one: the exported ensemble runs the first 19 modules once (the frozen member's whole
+    trunk, the second member's first 14, before its dilated stage), the runtime's shared path
+    gives each member's own features, parity passes through it, and an altered trunk graph is
+    refused naming its file."""
+    from fbnet.runtime.engine.ensemble import EnsembleRetriever, open_ensemble_bundle, open_retriever
+    from fbnet.runtime.engine.manifest import BundleError
+
+    root, _ = flickr_run
+    (root / "cfg-os16.yaml").write_text((root / "cfg.yaml").read_text().replace(
+        "mode: roi,", "mode: roi, trainable_blocks: 2, output_stride: 16,").replace("epochs: 3,", "epochs: 1,"))
+    cli_ok("train", "--data", root / "data", "--config", root / "cfg-os16.yaml", "--out", root / "run-os16")
+    (root / "ens.yaml").write_text("kind: fbnet-ensemble\nmembers:\n  - {checkpoint: run/best.pt, weight: 1}\n"
+                                   "  - {checkpoint: run-os16/best.pt, weight: 0.5}\n")
+    out = cli_ok("export", root / "ens.yaml", "--out", root / "ens-bundle")
+    assert "shared trunk: member 0's first 19 modules" in out and "member 1 from module 14" in out
+    record = json.loads((root / "ens-bundle" / "ensemble.json").read_text())["trunk"]
+    assert record["modules"] == {"member0": 19, "member1": 14} and record["reference"] == "member0"
+
+    retriever = open_retriever(root / "ens-bundle", "onnxruntime")
+    assert retriever.trunk_inputs == {0: "lower_19", 1: "lower_14"}
+    own = EnsembleRetriever(retriever.bundle, retriever.members, share_trunk=False)
+    dev = [FLICKR / "images" / name for name in FLICKR.joinpath("dev.txt").read_text().split()[:6]]
+    shared_features, own_features = retriever.encode_images(dev), own.encode_images(dev)
+    for a, b in zip(shared_features.members, own_features.members):
+        for key in a.blocks:
+            np.testing.assert_allclose(a.blocks[key], b.blocks[key], atol=1e-5)
+    texts = retriever.encode_texts(["a dog runs on the grass", "two children play in the water"])
+    np.testing.assert_allclose(retriever.score(shared_features, texts), own.score(own_features, texts), atol=1e-5)
+    _parity_passes(root / "ens.yaml", root / "ens-bundle")
+
+    with (root / "ens-bundle" / "trunk.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match="trunk.onnx: altered since export"):
+        open_ensemble_bundle(root / "ens-bundle")
 
 
 def _serves_pytorchs_boxes(bundle, ckpt, photos):

@@ -30,6 +30,14 @@ class BackendUnavailable(FbnetError, RuntimeError):
     http_status = 503
 
 
+class GraphSet(Protocol):
+    """What a backend opens graphs from: a folder and the :class:`GraphSpec` of each graph in it."""
+
+    root: object
+
+    def graph(self, name: str) -> GraphSpec | None: ...
+
+
 class Backend(Protocol):
     name: str
     #: True when the graphs run in reduced (float16) precision.
@@ -50,7 +58,10 @@ def optimized_file(spec: GraphSpec, onnxruntime_version: str) -> str:
 class OnnxRuntimeBackend:
     half = False
 
-    def __init__(self, bundle: Bundle, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, bundle: Bundle | GraphSet, providers: list[str] | None = None, threads: int = 0):
+        """``bundle``: a bundle, or any other set of graphs with a ``root`` and ``graph(name)`` (an
+        ensemble bundle's shared trunk); ``threads``: intra-op threads per session (0: ONNX
+        Runtime's choice)."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -58,7 +69,7 @@ class OnnxRuntimeBackend:
         self.providers = providers or [p for p in preferred if p in available]
         self.name = "onnxruntime" + ("" if self.providers[0] == "CPUExecutionProvider"
                                      else f"[{self.providers[0].replace('ExecutionProvider', '')}]")
-        self.bundle, self._sessions, self._threads = bundle, {}, threads
+        self.bundle, self._sessions, self.threads = bundle, {}, threads
         self._ort = ort
 
     def _session(self, graph: str):
@@ -71,8 +82,8 @@ class OnnxRuntimeBackend:
             # Graphs run one after another (detector -> encoder -> scorer), each in its own session:
             # threads that spin after a run would starve the next session's threads.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if self._threads:
-                opts.intra_op_num_threads = self._threads
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
             # export's saved optimisations (fbnet.export.ort_optimize) serve CPU sessions of the same
             # ONNX Runtime version; other providers and versions open the plain graph
             cpu = self.providers[0] == "CPUExecutionProvider"

@@ -84,7 +84,7 @@ class _Record:
         known, extra = cls._checked(data, path)
         try:
             return cls(**known, extra=extra)
-        except TypeError as exc:  # e.g. an entry with other fields
+        except (TypeError, KeyError) as exc:  # e.g. an entry with other fields
             raise cls.ERROR(f"{path}: malformed {cls.WHAT} ({exc})") from None
 
     def to_dict(self) -> dict:
@@ -444,6 +444,26 @@ class EnsembleMember:
     manifest_sha256: str
 
 
+@dataclass
+class SharedTrunk:
+    """An ensemble bundle's shared trunk (``fbnet export`` of an ensemble, :mod:`fbnet.export.trunk`):
+    the ``trunk`` graph runs the CNN modules several members compute alike once per photo, and
+    ``graphs[<member folder>]`` is that member's image encoder starting from the map named in
+    ``inputs[<member folder>]`` (a ``trunk`` output). ``files``: sha256 of every file listed."""
+
+    graphs: dict[str, GraphSpec]
+    inputs: dict[str, str]
+    files: dict[str, str]
+    #: the member whose trunk the graph runs, and how many modules each sharing member shares
+    reference: str = ""
+    modules: dict[str, int] = field(default_factory=dict)
+    #: largest differences of each graph to PyTorch at export
+    export_check: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.graphs = {g: s if isinstance(s, GraphSpec) else GraphSpec.from_dict(s) for g, s in self.graphs.items()}
+
+
 @dataclass(kw_only=True)
 class EnsembleManifest(_Record):
     """An ensemble bundle's ``ensemble.json``: member bundles (each a whole bundle in its folder) and
@@ -455,6 +475,8 @@ class EnsembleManifest(_Record):
     created: str = ""
     #: the ensemble file exported (path, sha256) and its members' validation metrics
     source: dict = field(default_factory=dict)
+    #: the CNN pass members share (None: each member's image encoder runs its own)
+    trunk: SharedTrunk | None = None
     format_version: int = ENSEMBLE_FORMAT
     extra: dict = field(default_factory=dict)
 
@@ -463,6 +485,8 @@ class EnsembleManifest(_Record):
 
     def __post_init__(self):
         self.members = [m if isinstance(m, EnsembleMember) else EnsembleMember(**m) for m in self.members]
+        if isinstance(self.trunk, dict):
+            self.trunk = SharedTrunk(**self.trunk)
 
     @classmethod
     def from_dict(cls, data: dict, path: str | Path = FILE) -> EnsembleManifest:

@@ -108,8 +108,11 @@ class Retriever:
     def encode_feeds(self, feeds: dict[str, np.ndarray]) -> ImageFeatures:
         """``image_encoder`` on feeds from :meth:`image_encoder_feeds`, padded back to the bundle's J
         box slots (what galleries store and the scorer's groups cut from)."""
-        outs = self.run("image_encoder", feeds)
-        return ImageFeatures(dict(zip(self.keys, outs)), feeds["fg_mask"]).pad_boxes(self.max_boxes)
+        return self.image_features(self.run("image_encoder", feeds), feeds["fg_mask"])
+
+    def image_features(self, outs: list[np.ndarray], fg_mask: np.ndarray) -> ImageFeatures:
+        """The image encoder's outputs (one per key) as features padded to the bundle's J box slots."""
+        return ImageFeatures(dict(zip(self.keys, outs)), fg_mask).pad_boxes(self.max_boxes)
 
     @property
     def boxes_key(self) -> tuple:
