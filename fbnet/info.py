@@ -94,6 +94,9 @@ def describe_ensemble_dir(path: Path, record: str, describe_member) -> list[str]
         weights = ", ".join(f"{m.weight:g}" for m in meta.members)
         lines = [f"{path}: fbnet ensemble bundle of {len(folders)} members (weights {weights}; "
                  f"{meta.canvas} px canvas; exported {meta.created})"]
+        if meta.trunk:
+            shared = ", ".join(f"{folder} {n}" for folder, n in meta.trunk.modules.items())
+            lines.append(f"shared trunk: {meta.trunk.reference}'s CNN once per photo; modules shared: {shared}")
     else:
         folders = EnsembleGalleryMeta.load(path / record).members
         lines = [f"{path}: fbnet ensemble gallery of {len(folders)} member galleries"]

@@ -146,6 +146,8 @@ def test_an_ensemble_shares_mobilenets_frozen_modules(flickr_run):
     assert "shared trunk: member 0's first 19 modules" in out and "member 1 from module 14" in out
     record = json.loads((root / "ens-bundle" / "ensemble.json").read_text())["trunk"]
     assert record["modules"] == {"member0": 19, "member1": 14} and record["reference"] == "member0"
+    assert "shared trunk: member0's CNN once per photo; modules shared: member0 19, member1 14" in \
+        cli_ok("info", root / "ens-bundle")
 
     retriever = open_retriever(root / "ens-bundle", "onnxruntime")
     assert retriever.trunk_inputs == {0: "lower_19", 1: "lower_14"}
