@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from fbnet.preprocess import load_image
-from fbnet.runtime.engine.ensemble import TRUNK, EnsembleRetriever, shared_graph_name
+from fbnet.runtime.engine.ensemble import TRUNK, EnsembleRetriever, member_folder, shared_graph_name
 
 from common import machine, shown, timeit, write_section
 from ensemble import (cost_header, cost_row, ensemble_args, gallery_bytes, open_ensemble_args, query_times,
@@ -36,10 +36,7 @@ HEADING = "## Ensemble image query: shared trunk"
 def encoding_rows(shared: EnsembleRetriever, photo: np.ndarray, repeats: int) -> list[str]:
     """p50 of each part of one photo's encoding, own path against the shared one."""
     canvas = photo[None]
-    feeds = {}
-    for m in shared.members:
-        feeds.setdefault(m.boxes_key, m.image_encoder_feeds(canvas))
-    maps = dict(zip(shared.trunk_outputs, shared.trunk.run(TRUNK, {"image": canvas})))
+    feeds, maps = shared.member_feeds(canvas), shared.trunk_maps(canvas)
     record = shared.bundle.manifest.trunk
     detect = timeit(lambda: shared.members[0].image_encoder_feeds(canvas), repeats, 3)["median"]
     trunk = timeit(lambda: shared.trunk.run(TRUNK, {"image": canvas}), repeats, 3)["median"]
@@ -54,7 +51,8 @@ def encoding_rows(shared: EnsembleRetriever, photo: np.ndarray, repeats: int) ->
             start = shared.trunk_inputs[i]
             fed = {"lower": maps[start], "block_boxes": f["block_boxes"], "fg_mask": f["fg_mask"]}
             from_map = timeit(lambda: shared.trunk.run(shared_graph_name(i), fed), repeats, 3)["median"]
-            label = f"member {i} ({m.bundle.model.name}) image encoder; shared from module {start.split('_')[-1]}"
+            label = (f"member {i} ({m.bundle.model.name}) image encoder; shared from module "
+                     f"{record.modules[member_folder(i)]}")
             rows.append(f"| {label} | {own:.1f} | {from_map:.1f} |")
         else:
             rows.append(f"| member {i} ({m.bundle.model.name}) image encoder; not shared | {own:.1f} | {own:.1f} |")

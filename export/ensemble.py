@@ -23,11 +23,10 @@ from .onnx_export import DEFAULT_OPSET
 from .trunk import export_trunk
 
 
-def export_ensemble_bundle(ensemble_path: str | Path, out: str | Path, log=print, share_trunk: bool = True,
-                           **options) -> Path:
-    """Export every member of the ensemble file into one ensemble bundle; ``options`` go to
-    :func:`~.bundle.export_bundle` (``fp16``, ``opset``). ``share_trunk``: also export the CNN
-    modules members compute alike as one graph (:mod:`.trunk`)."""
+def export_ensemble_bundle(ensemble_path: str | Path, out: str | Path, log=print, **options) -> Path:
+    """Export every member of the ensemble file into one ensemble bundle, with the CNN modules its
+    members compute alike as one graph (:mod:`.trunk`); ``options`` go to
+    :func:`~.bundle.export_bundle` (``fp16``, ``opset``)."""
     ensemble = load_ensemble(ensemble_path)  # every member readable, all on one canvas
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -36,8 +35,7 @@ def export_ensemble_bundle(ensemble_path: str | Path, out: str | Path, log=print
             export_bundle(m.checkpoint, tmp / member_folder(i), log=log, **options)
         members = [EnsembleMember(member_folder(i), m.weight, sha256(tmp / member_folder(i) / Manifest.FILE))
                    for i, m in enumerate(ensemble.members)]
-        trunk = export_trunk([m.checkpoint for m in ensemble.members], tmp,
-                             options.get("opset", DEFAULT_OPSET), log) if share_trunk else None
+        trunk = export_trunk([m.checkpoint for m in ensemble.members], tmp, options.get("opset", DEFAULT_OPSET), log)
         EnsembleManifest(members=members, canvas=Manifest.load(tmp / member_folder(0) / Manifest.FILE).canvas,
                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                          source={"path": str(Path(ensemble_path).resolve()), "sha256": sha256(Path(ensemble_path))},

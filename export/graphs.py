@@ -91,11 +91,6 @@ class TrunkGraph(nn.Module):
         return tuple(maps)
 
 
-def trunk_output(cut: int) -> str:
-    """The name of :class:`TrunkGraph`'s map after ``cut`` modules."""
-    return f"lower_{cut}"
-
-
 class DetectorGraph(nn.Module):
     def __init__(self, detector, share_lower: bool = False):
         """``share_lower``: also return the detector's last map (see :func:`shared_stage`)."""

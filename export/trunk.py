@@ -33,11 +33,11 @@ from fbnet.checkpoint import as_exported, load_checkpoint
 from fbnet.evaluate import load_model
 from fbnet.pipeline import frozen_from_checkpoint
 from fbnet.runtime.engine.bundle import sha256
-from fbnet.runtime.engine.ensemble import TRUNK, member_folder, shared_graph_name
+from fbnet.runtime.engine.ensemble import TRUNK, member_folder, shared_graph_name, trunk_output
 from fbnet.runtime.engine.manifest import SharedTrunk
 
 from .bundle import export_checked, sample_inputs
-from .graphs import ImageEncoderGraph, TrunkGraph, graph_io, shared_stage, trunk_output, trunk_prefix
+from .graphs import ImageEncoderGraph, TrunkGraph, graph_io, shared_stage, trunk_prefix
 
 @dataclass
 class TrunkPlan:
@@ -96,6 +96,5 @@ def export_trunk(checkpoints: list[Path], root: Path, opset: int, log=print) -> 
                                                    graph_io(model, shared=True)["image_encoder"], opset, log)
     files = {p.name: sha256(p) for s in specs.values()
              for p in (root / s.file, root / s.ort_optimized.file)}
-    return SharedTrunk(graphs=specs, inputs={member_folder(i): trunk_output(c) for i, c in plan.cuts.items()},
-                       files=files, reference=member_folder(plan.reference),
-                       modules={member_folder(i): c for i, c in plan.cuts.items()}, export_check=checks)
+    return SharedTrunk(graphs=specs, files=files, modules={member_folder(i): c for i, c in plan.cuts.items()},
+                       reference=member_folder(plan.reference), export_check=checks)

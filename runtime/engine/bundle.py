@@ -12,7 +12,7 @@ from fbnet.vocab import Vocabulary
 
 from .manifest import BundleError, GraphSpec, Manifest, ModelSpec, identity
 
-__all__ = ["Bundle", "BundleError", "open_bundle", "sha256"]
+__all__ = ["Bundle", "BundleError", "open_bundle", "sha256", "verify_files"]
 
 
 @dataclass
@@ -53,6 +53,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def verify_files(root: Path, files: dict[str, str], record: str) -> None:
+    """Every file ``record`` lists (name -> sha256, relative to ``root``) is there and unaltered, else
+    one :class:`BundleError` naming the file."""
+    for name, digest in files.items():
+        f = root / name
+        if not f.is_file():
+            raise BundleError(f"{f}: missing from the bundle (listed in {record})")
+        if sha256(f) != digest:
+            raise BundleError(f"{f}: altered since export (sha256 differs from {record})")
+
+
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     root = Path(path)
     manifest_path = root / Manifest.FILE
@@ -62,12 +73,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: missing; is {root} a bundle written by `fbnet export`?")
     manifest = Manifest.load(manifest_path)
     if verify:
-        for name, digest in manifest.files.items():
-            f = root / name
-            if not f.is_file():
-                raise BundleError(f"{f}: missing from the bundle (listed in manifest.json)")
-            if sha256(f) != digest:
-                raise BundleError(f"{f}: altered since export (sha256 differs from manifest.json)")
+        verify_files(root, manifest.files, Manifest.FILE)
     try:
         vocab = Vocabulary.load(root / "vocab.json")
     except (OSError, json.JSONDecodeError, KeyError) as exc:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import OnnxRuntimeBackend, select_backend
-from .bundle import Bundle, open_bundle, sha256
+from .bundle import Bundle, open_bundle, sha256, verify_files
 from .features import MemberFeatures, concat_images
 from .manifest import BundleError, EnsembleManifest, GraphSpec, SharedTrunk
 from .retriever import Retriever, canvas_batches
@@ -48,6 +48,11 @@ TRUNK = "trunk"
 def member_folder(i: int) -> str:
     """Where member ``i`` sits in an ensemble bundle, and its gallery in an ensemble gallery."""
     return f"member{i}"
+
+
+def trunk_output(cut: int) -> str:
+    """The shared trunk graph's map after ``cut`` modules (what a member that shares ``cut`` reads)."""
+    return f"lower_{cut}"
 
 
 def shared_graph_name(i: int) -> str:
@@ -108,11 +113,7 @@ def open_ensemble_bundle(path: str | Path, verify: bool = True) -> EnsembleBundl
                               f"{manifest.canvas} ({manifest_path})")
         members.append(bundle)
     if verify and manifest.trunk:
-        for name, digest in manifest.trunk.files.items():
-            f = root / name
-            if not f.is_file() or sha256(f) != digest:
-                raise BundleError(f"{f}: {'missing from' if not f.is_file() else 'altered since export of'} the "
-                                  f"ensemble bundle (listed in {manifest_path}); re-export the ensemble")
+        verify_files(root, manifest.trunk.files, EnsembleManifest.FILE)
     return EnsembleBundle(root, manifest, members, sha256(manifest_path))
 
 
@@ -130,13 +131,11 @@ class EnsembleRetriever:
         record, lead = bundle.manifest.trunk, members[0].backend
         #: member index -> the trunk output its image encoder starts from (members that share)
         self.trunk_inputs: dict[int, str] = {}
-        self.trunk = None
         if share_trunk and record and all(isinstance(m.backend, OnnxRuntimeBackend) for m in members):
-            self.trunk_inputs = {i: record.inputs[member_folder(i)] for i, m in enumerate(members)
-                                 if member_folder(i) in record.inputs and not _int8_images(m)}
-        if self.trunk_inputs:
-            self.trunk = OnnxRuntimeBackend(TrunkGraphs(bundle.root, record), lead.providers, lead.threads)
-            self.trunk_outputs = [t.name for t in record.graphs[TRUNK].outputs]
+            self.trunk_inputs = {i: trunk_output(record.modules[member_folder(i)]) for i, m in enumerate(members)
+                                 if member_folder(i) in record.modules and not _int8_images(m)}
+        self.trunk = OnnxRuntimeBackend(TrunkGraphs(bundle.root, record), lead.providers, lead.threads) \
+            if self.trunk_inputs else None
 
     def lane(self) -> EnsembleRetriever | None:
         lanes = [m.lane() for m in self.members]
@@ -146,12 +145,8 @@ class EnsembleRetriever:
         """Every member's image features; members with the same detector graph and window layout
         share one detection (the detector is most of an image query's cost), and members that
         share the trunk share its maps."""
-        feeds: dict[tuple, dict] = {}
-        for m in self.members:
-            if m.boxes_key not in feeds:
-                feeds[m.boxes_key] = m.image_encoder_feeds(canvases)
-        maps = dict(zip(self.trunk_outputs, self.trunk.run(TRUNK, {"image": canvases.astype(np.float32)}))) \
-            if self.trunk else {}
+        feeds = self.member_feeds(canvases)
+        maps = self.trunk_maps(canvases) if self.trunk else {}
         features = []
         for i, m in enumerate(self.members):
             f = feeds[m.boxes_key]
@@ -162,6 +157,20 @@ class EnsembleRetriever:
             else:
                 features.append(m.encode_feeds(f))
         return MemberFeatures(features)
+
+    def member_feeds(self, canvases: np.ndarray) -> dict[tuple, dict]:
+        """The image encoders' feeds per :attr:`~.retriever.Retriever.boxes_key`: one detection for
+        the members that share a detector graph and window layout."""
+        feeds: dict[tuple, dict] = {}
+        for m in self.members:
+            if m.boxes_key not in feeds:
+                feeds[m.boxes_key] = m.image_encoder_feeds(canvases)
+        return feeds
+
+    def trunk_maps(self, canvases: np.ndarray) -> dict[str, np.ndarray]:
+        """The shared trunk's maps of ``canvases``, by output name."""
+        outputs = [t.name for t in self.bundle.manifest.trunk.graphs[TRUNK].outputs]
+        return dict(zip(outputs, self.trunk.run(TRUNK, {"image": canvases.astype(np.float32)})))
 
     def encode_images(self, paths: list[str | Path]) -> MemberFeatures:
         parts = [self.encode_canvases(c) for c in canvas_batches(paths, self.bundle.canvas, self.batch_size)]

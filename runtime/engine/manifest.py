@@ -447,16 +447,17 @@ class EnsembleMember:
 @dataclass
 class SharedTrunk:
     """An ensemble bundle's shared trunk (``fbnet export`` of an ensemble, :mod:`fbnet.export.trunk`):
-    the ``trunk`` graph runs the CNN modules several members compute alike once per photo, and
-    ``graphs[<member folder>]`` is that member's image encoder starting from the map named in
-    ``inputs[<member folder>]`` (a ``trunk`` output). ``files``: sha256 of every file listed."""
+    the ``trunk`` graph runs the CNN modules several members compute alike once per photo, with a
+    map after each sharing member's ``modules[<member folder>]`` modules, and
+    ``graphs[<member folder>_image_encoder]`` is that member's image encoder from its map.
+    ``files``: sha256 of every file listed."""
 
     graphs: dict[str, GraphSpec]
-    inputs: dict[str, str]
     files: dict[str, str]
-    #: the member whose trunk the graph runs, and how many modules each sharing member shares
+    #: how many leading modules each sharing member shares (the trunk map it reads)
+    modules: dict[str, int]
+    #: the member whose trunk the graph runs
     reference: str = ""
-    modules: dict[str, int] = field(default_factory=dict)
     #: largest differences of each graph to PyTorch at export
     export_check: dict = field(default_factory=dict)
 
