@@ -157,8 +157,10 @@ class ModelConfig(_Section):
     heads: int = Field(4, ge=1)
     concepts: int = Field(64, ge=1)
     #: FB-Net: a pooled global branch beside eq. (7)'s six matrices: ``gpo`` (VSE-infinity's
-    #: generalized pooling), ``max``, ``mean`` or ``""`` (none). Its weight mu is chosen on dev.
+    #: generalized pooling), ``max``, ``mean`` or ``""`` (none; an empty value, as in
+    #: ``--set model.global_pool=``, also reads as none). Its weight mu is chosen on dev.
     global_pool: Literal["", "gpo", "max", "mean"] = ""
+    _global_pool_none = field_validator("global_pool", mode="before")(lambda v: "" if v is None else v)
     #: The global branch's size augmentation: in training, each block is left out of its pooling
     #: with this probability (:mod:`fbnet.augment`; 0 = off, VSE-infinity: 0.2).
     block_dropout: float = Field(0.0, ge=0.0, lt=1.0)

@@ -136,6 +136,9 @@ def test_set_overrides_apply_in_any_order():
     cfg = FBNetConfig().with_overrides(["loss.warmup_epochs=1", "loss.name=triplet", "data.views=[identity, hflip]"])
     assert (cfg.loss.name, cfg.loss.warmup_epochs, cfg.data.views) == ("triplet", 1, ("identity", "hflip"))
     assert FBNetConfig().with_overrides([]) == FBNetConfig()
+    # An empty value turns the pooled global branch off, as "" does (YAML reads it as null).
+    pooled = FBNetConfig().with_overrides(["model.global_pool=gpo"])
+    assert pooled.with_overrides(["model.global_pool="]).model.global_pool == ""
 
 
 def test_config_base_missing_or_circular(tmp_path):
