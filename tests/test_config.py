@@ -36,11 +36,13 @@ def test_every_shipped_config_loads(path):
     FBNetConfig.load(path)
 
 
-def test_the_stride_16_recipe_is_the_recipe_with_one_knob_and_its_own_cache():
+@pytest.mark.parametrize("name, key, theirs, ours", [("flickr8k-os16.yaml", "output_stride", 32, 16),
+                                                      ("flickr8k-top4.yaml", "trainable_blocks", 2, 4)])
+def test_a_recipe_variant_is_the_recipe_with_one_knob_and_its_own_cache(name, key, theirs, ours):
     names = {p.name: p for p in CONFIGS}
     recipe = FBNetConfig.load(names["flickr8k.yaml"]).to_dict()
-    os16 = FBNetConfig.load(names["flickr8k-os16.yaml"]).to_dict()
-    assert os16["model"]["backbone"].pop("output_stride") == 16
-    assert recipe["model"]["backbone"].pop("output_stride") == 32
-    assert os16["data"].pop("feature_cache") != recipe["data"].pop("feature_cache")
-    assert os16 == recipe
+    variant = FBNetConfig.load(names[name]).to_dict()
+    assert variant["model"]["backbone"].pop(key) == ours
+    assert recipe["model"]["backbone"].pop(key) == theirs
+    assert variant["data"].pop("feature_cache") != recipe["data"].pop("feature_cache")
+    assert variant == recipe
