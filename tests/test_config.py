@@ -36,16 +36,14 @@ def test_every_shipped_config_loads(path):
     FBNetConfig.load(path)
 
 
-@pytest.mark.parametrize("name, key, theirs, ours, epochs", [("flickr8k-os16.yaml", "output_stride", 32, 16, 20),
-                                                              ("flickr8k-top4.yaml", "trainable_blocks", 2, 4, 20),
-                                                              ("flickr8k-top6.yaml", "trainable_blocks", 2, 6, 7)])
-def test_a_recipe_variant_is_the_recipe_with_one_knob_its_own_cache_and_its_epochs(name, key, theirs, ours, epochs):
+@pytest.mark.parametrize("name, key, theirs, ours", [("flickr8k-os16.yaml", "output_stride", 32, 16),
+                                                      ("flickr8k-top4.yaml", "trainable_blocks", 2, 4),
+                                                      ("flickr8k-top6.yaml", "trainable_blocks", 2, 6)])
+def test_a_recipe_variant_is_the_recipe_with_one_knob_and_its_own_cache(name, key, theirs, ours):
     names = {p.name: p for p in CONFIGS}
     recipe = FBNetConfig.load(names["flickr8k.yaml"]).to_dict()
     variant = FBNetConfig.load(names[name]).to_dict()
     assert variant["model"]["backbone"].pop(key) == ours
     assert recipe["model"]["backbone"].pop(key) == theirs
     assert variant["data"].pop("feature_cache") != recipe["data"].pop("feature_cache")
-    assert variant["train"].pop("epochs") == epochs
-    assert recipe["train"].pop("epochs") == 20
     assert variant == recipe
