@@ -247,6 +247,9 @@ class TrainConfig(_Section):
     #: Word dropout: each training caption loses this share of its words at every step (the text
     #: half of VSE-infinity's size augmentation, :mod:`fbnet.augment`; 0 = off, VSE-infinity: 0.2).
     word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Decay of a moving average of the weights updated after every step (:mod:`fbnet.ema`; 0 =
+    #: off). When on, validation, early stopping, ``best.pt`` and all that follows use the average.
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     #: torch threads for training (0 = torch's default).
     num_threads: int = Field(0, ge=0)
     #: Where the epochs run: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when a GPU is visible).

@@ -6,7 +6,8 @@
    every (branch, level) similarity matrix, summed; validation MAP after each epoch; the best
    epoch kept (``best.pt``), the latest one too (``last.pt``, for ``--resume``); the learning
    rate scaled by ``train.plateau_decay`` after an epoch without a better validation MAP, and
-   early stopping after ``train.patience`` such epochs in a row.
+   early stopping after ``train.patience`` such epochs in a row. With ``train.ema_decay`` a
+   moving average of the weights (:mod:`fbnet.ema`) is what each epoch validates and keeps.
 4. Choose the fusion weights of eq. (7) on the validation split from the grid and store them in
    ``best.pt`` (the CLI then evaluates the test split, or the validation split when the dataset
    has no test split, as the shared Flickr8k has none).
@@ -18,6 +19,7 @@ Everything a run writes goes under ``out``: ``detector.pt``, ``features/``, ``la
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -34,6 +36,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .curves import TensorBoard, plot_curves
 from .config import ConfigError, FBNetConfig
 from .data.embeddings import WordVectorError, load_word_vectors
+from .ema import WeightAverage
 from .data.manifest import Dataset, DatasetError
 from .losses import epoch_loss, pair_loss
 from .metrics import retrieval_report
@@ -135,6 +138,10 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         opt.load_state_dict(state["optimizer"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"]
         torch.set_rng_state(state["torch_rng"])
+    # the moving average of the weights (train.ema_decay): validated, kept and exported in their place
+    average = (WeightAverage({"model": model, "top": encoder.top()}, tc.ema_decay) if tc.ema_decay else None)
+    if average is not None and state is not None:
+        average.load_state_dict(state["ema"])
 
     common = {"config": cfg.to_dict(), "vocab": vocab.to_json(),
               "detector": detector.state_dict() if detector is not None else None,
@@ -167,18 +174,25 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         for step in bar:
             idx = np.sort(order[step * tc.batch_size: (step + 1) * tc.batch_size])
             loss = train_step(step_loss, opt, epoch_cfg, train_feats, train_caps, idx, group)
+            if average is not None:
+                average.update()
             total += loss
             if board is not None:
                 board.step(epoch * steps + step, loss)
             bar.set_postfix(loss=f"{loss:.4f}",
                             pairs_s=f"{(step + 1) * tc.batch_size / (time.time() - t0):.0f}")
         # validation on rank 0 (the others wait for its verdict, so every rank decides alike)
-        val = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk) if main_rank else None
+        with _averaged(average):
+            val = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk) if main_rank else None
         if group is not None:
             val = group.broadcast(val)
         val_map = val[val["primary"]]["map"]
         record = {"epoch": epoch + 1, "loss": total / steps, "val_map": val_map, "lr": opt.param_groups[0]["lr"],
-                  "val_rsum": val["instance"]["rsum"], "seconds": time.time() - t0}
+                  "val_rsum": val["instance"]["rsum"]}
+        if average is not None and main_rank:  # the trained weights' own figures, for comparison only
+            trained = _val_report(model, feats["val"], val_caps, Fusion(), tc.eval_chunk)
+            record.update(trained_val_map=trained[trained["primary"]]["map"], trained_val_rsum=trained["instance"]["rsum"])
+        record["seconds"] = time.time() - t0
         history.append(record)
         if main_rank:
             log_event(out, event="epoch", **record)
@@ -194,12 +208,16 @@ def train(cfg: FBNetConfig, dataset: Dataset, out: str | Path, resume: bool = Fa
         echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}  val MAP {val_map:.4f}  R@sum {record['val_rsum']:.1f}"
              f"{'  (best)' if improved else ''}  [{record['seconds']:.0f}s]")
         if main_rank:  # rank 0 writes the checkpoints; the ranks' weights are the same
-            payload = {**common, "model": model.state_dict(), "encoder": encoder.state_dict(),
-                       "epoch": epoch + 1, "history": history,
+            payload = {**common, "epoch": epoch + 1, "history": history,
                        "best": best, "fusion": vars(Fusion()), "val_metrics": _summary(val)}
             if improved:
-                save_checkpoint(out / "best.pt", payload)
-            save_checkpoint(last, {**payload, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()})
+                with _averaged(average):
+                    save_checkpoint(out / "best.pt", {**payload, "model": model.state_dict(),
+                                                      "encoder": encoder.state_dict()})
+            # last.pt: the trained weights (and their average), what --resume continues from
+            save_checkpoint(last, {**payload, "model": model.state_dict(), "encoder": encoder.state_dict(),
+                                   "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                                   **({"ema": average.state_dict()} if average is not None else {})})
 
     if board is not None:
         board.close()
@@ -358,6 +376,11 @@ def _init_word_vectors(model, vocab: Vocabulary, path: str, echo) -> None:
                 enc.embed.weight[i] = torch.from_numpy(vectors[vocab.words[i]])
     echo(f"word vectors: {len(hits)} of {len(vocab) - 2} vocabulary words "
          f"({100 * len(hits) / max(1, len(vocab) - 2):.1f}%) initialised from {path}")
+
+
+def _averaged(average: WeightAverage | None):
+    """The moving average's weights in place inside the block (nothing changes without one)."""
+    return average.applied() if average is not None else contextlib.nullcontext()
 
 
 def _val_report(model, feats, caps, fusion, chunk):
