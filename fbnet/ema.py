@@ -19,37 +19,42 @@ import torch
 
 class WeightAverage:
     """The moving average of ``modules``' floating-point parameters and buffers (integer buffers,
-    such as BatchNorm's batch counts, are left as they are)."""
+    such as BatchNorm's batch counts, are left as they are). It holds the modules' own tensors,
+    which the optimiser updates in place, and moves its copies towards them."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"an average's decay must lie in (0, 1), not {decay}")
-        self.modules, self.decay, self.steps = modules, decay, 0
-        self.average = {name: {k: v.detach().clone() for k, v in m.state_dict().items() if v.is_floating_point()}
-                        for name, m in modules.items()}
+        self.decay, self.steps = decay, 0
+        self.live = {name: {k: v for k, v in m.state_dict(keep_vars=True).items() if v.is_floating_point()}
+                     for name, m in modules.items()}
+        self.average = {name: {k: v.detach().clone() for k, v in tensors.items()}
+                        for name, tensors in self.live.items()}
 
     @torch.no_grad()
     def update(self) -> None:
         """One step's move of the average towards the modules' current weights."""
         self.steps += 1
         weight = 1.0 - min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for name, module in self.modules.items():
-            current = module.state_dict()
-            for key, avg in self.average[name].items():
-                avg.lerp_(current[key].detach(), weight)
+        for name, tensors in self.live.items():
+            for key, live in tensors.items():
+                self.average[name][key].lerp_(live, weight)
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """The modules hold the averaged weights inside the block, their trained ones again after it."""
-        trained = {name: {k: v.detach().clone() for k, v in m.state_dict().items() if k in self.average[name]}
-                   for name, m in self.modules.items()}
+        trained = {name: {k: v.detach().clone() for k, v in tensors.items()} for name, tensors in self.live.items()}
         try:
-            for name, module in self.modules.items():
-                module.load_state_dict(self.average[name], strict=False)
+            self._copy_into_modules(self.average)
             yield
         finally:
-            for name, module in self.modules.items():
-                module.load_state_dict(trained[name], strict=False)
+            self._copy_into_modules(trained)
+
+    @torch.no_grad()
+    def _copy_into_modules(self, weights: dict) -> None:
+        for name, tensors in self.live.items():
+            for key, live in tensors.items():
+                live.copy_(weights[name][key])
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "average": self.average}

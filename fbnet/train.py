@@ -36,8 +36,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .curves import TensorBoard, plot_curves
 from .config import ConfigError, FBNetConfig
 from .data.embeddings import WordVectorError, load_word_vectors
-from .ema import WeightAverage
 from .data.manifest import Dataset, DatasetError
+from .ema import WeightAverage
 from .losses import epoch_loss, pair_loss
 from .metrics import retrieval_report
 from .models.detector import finetune
